@@ -1,0 +1,3 @@
+from mitigate.cli import main
+
+main()

