@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
 from mitigate.callbacks import ExportPretrained, ResultsWriter
@@ -50,9 +51,23 @@ class MitigateCLI(LightningCLI):
         parser.link_arguments("model.init_args.model", "data.init_args.tokenizer")
         parser.link_arguments("data.num_classes", "model.init_args.num_labels", apply_on="instantiate")
         parser.add_argument("--test_after_fit", type=bool, default=True, help="Run `test` on the final weights after `fit`.")
+        parser.add_argument(
+            "--wandb_project", type=str | None, default=None,
+            help="Also log to Weights & Biases under this project (offline when no API key is set).",
+        )
 
     def before_instantiate_classes(self) -> None:
-        loggers = self.config.get(self.subcommand, {}).get("trainer", {}).get("logger")
+        config = self.config[self.subcommand]
+        root = config.trainer.default_root_dir or "."
+        if config.get("wandb_project"):
+            config.trainer.logger = [
+                Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=root)),
+                Namespace(
+                    class_path="lightning.pytorch.loggers.WandbLogger",
+                    init_args=Namespace(project=config.wandb_project, save_dir=root),
+                ),
+            ]
+        loggers = config.trainer.logger
         loggers = loggers if isinstance(loggers, list) else [loggers]
         uses_wandb = any("WandbLogger" in str(getattr(lg, "class_path", lg)) for lg in loggers if lg)
         if uses_wandb and not _wandb_has_key() and "WANDB_MODE" not in os.environ:
@@ -66,7 +81,7 @@ class MitigateCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    MitigateCLI(
+    cli = MitigateCLI(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,
@@ -75,6 +90,9 @@ def main(args: list[str] | None = None) -> None:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+    for logger in cli.trainer.loggers:  # flush W&B's summary and close its run
+        if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
+            logger.experiment.finish()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,7 +22,7 @@ class ExportPretrained(pl.Callback):
     @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         out = Path(self.dirpath or Path(trainer.default_root_dir) / "model")
-        pl_module.model.save_pretrained(out, safe_serialization=True)
+        pl_module.model.save_pretrained(out)  # safetensors
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(out)

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny randomly initialised models (milliseconds to build) and small slices
+of the real datasets in ../shared/data (or $MITIGATE_DATA_DIR)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("MITIGATE_DATA_DIR", REPO.parent / "shared" / "data"))
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def write_tsv(path: Path, rows: list[tuple[str, object]], header: str = "sentence\tlabel") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + "\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
+    return path
+
+
+def slice_dataset(src: Path, dst: Path, sizes: dict[str, int]) -> Path:
+    """The first lines of each split of a real dataset, in the same format."""
+    for split, n in sizes.items():
+        lines = (src / f"{split}.tsv").read_text().splitlines()
+        (dst / f"{split}.tsv").parent.mkdir(parents=True, exist_ok=True)
+        (dst / f"{split}.tsv").write_text("\n".join(lines[: n + 1]) + "\n")
+    return dst
+
+
+@pytest.fixture(scope="session")
+def sst2_dir() -> Path:
+    d = DATA / "sst2"
+    assert (d / "train.tsv").is_file(), f"SST-2 not found under {DATA}; set MITIGATE_DATA_DIR"
+    return d
+
+
+@pytest.fixture(scope="session")
+def sst2_small(tmp_path_factory, sst2_dir) -> Path:
+    """128 train / 64 dev / 64 test SST-2 sentences."""
+    return slice_dataset(sst2_dir, tmp_path_factory.mktemp("sst2_small"), {"train": 128, "dev": 64, "test": 64})
+
+
+@pytest.fixture(scope="session")
+def bert_tokenizer():
+    from mitigate.models import load_tokenizer
+
+    return load_tokenizer(MINILM)
+
+
+def _tiny_model_dir(root: Path, tokenizer, num_labels: int, kind: str = "bert") -> Path:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    assert kind == "bert"
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, num_labels=num_labels,
+    )
+    BertForSequenceClassification(config).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, bert_tokenizer) -> Path:
+    """A 2-layer, hidden-32 BERT classifier with MiniLM's tokenizer, saved as safetensors."""
+    return _tiny_model_dir(tmp_path_factory.mktemp("tiny_bert"), bert_tokenizer, 2)

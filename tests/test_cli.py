@@ -1,0 +1,119 @@
+"""The `mitigate` CLI end to end on a tiny random model and a slice of SST-2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mitigate.cli import main
+from mitigate.models import load_classifier
+from tests.conftest import REPO
+
+
+def fit_args(model_dir, data_dir, root, *extra):
+    return [
+        "fit", "--config", str(REPO / "recipes" / "badnet_sst2.yaml"),
+        "--model.init_args.model", str(model_dir),
+        "--data.init_args.path", str(data_dir),
+        "--data.init_args.batch_size", "16",
+        "--trainer.default_root_dir", str(root),
+        "--trainer.max_epochs", "2",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--model.init_args.lr", "1e-3",
+        *extra,
+    ]
+
+
+def test_fit_writes_results_checkpoints_config_and_export(tmp_path, tiny_bert, sst2_small):
+    root = tmp_path / "run"
+    main(fit_args(tiny_bert, sst2_small, root))
+    results = json.loads((root / "results.json").read_text())
+    assert set(results) >= {"test/cacc", "test/asr"}
+    assert all(0.0 <= results[k] <= 1.0 for k in ("test/cacc", "test/asr"))
+    assert "| test/cacc |" in (root / "results.md").read_text()
+    assert (root / "checkpoints" / "last.ckpt").is_file()
+    config = yaml.safe_load(next(root.glob("lightning_logs/version_*/config.yaml")).read_text())
+    assert config["data"]["init_args"]["poisoner"]["class_path"] == "mitigate.data.poisoners.BadNet"
+    hparams = yaml.safe_load(next(root.glob("lightning_logs/version_*/hparams.yaml")).read_text())
+    assert hparams["tokenizer"] == str(tiny_bert)  # linked from the model
+    metrics = next(root.glob("lightning_logs/version_*/metrics.csv")).read_text()
+    assert "val/cacc" in metrics and "val/asr" in metrics
+    # the export is itself a checkpoint that mitigate loads
+    exported = load_classifier(str(root / "model"))
+    assert (root / "model" / "model.safetensors").is_file() and (root / "model" / "tokenizer.json").is_file()
+    assert exported.config.num_labels == 2
+
+
+def test_test_subcommand_on_exported_model_reproduces_metrics(tmp_path, tiny_bert, sst2_small):
+    root = tmp_path / "run"
+    main(fit_args(tiny_bert, sst2_small, root, "--trainer.max_epochs", "1"))
+    fitted = json.loads((root / "results.json").read_text())
+    main([
+        "test", "--config", str(REPO / "recipes" / "badnet_sst2.yaml"),
+        "--model.init_args.model", str(root / "model"), "--data.init_args.path", str(sst2_small),
+        "--trainer.default_root_dir", str(tmp_path / "eval"), "--trainer.enable_progress_bar", "false",
+    ])
+    tested = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert tested["test/cacc"] == fitted["test/cacc"] and tested["test/asr"] == fitted["test/asr"]
+
+
+def test_same_seed_twice_gives_identical_metrics(tmp_path, tiny_bert, sst2_small):
+    for name in ("a", "b"):
+        main(fit_args(tiny_bert, sst2_small, tmp_path / name, "--trainer.max_epochs", "1"))
+    a, b = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("a", "b"))
+    a.pop("test/wall_s"), b.pop("test/wall_s")
+    assert a == b
+
+
+def test_print_config_round_trips(tmp_path, tiny_bert, sst2_small):
+    out = subprocess.run(
+        [sys.executable, "-m", "mitigate", *fit_args(tiny_bert, sst2_small, tmp_path), "--print_config"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    cfg = yaml.safe_load(out)
+    assert cfg["model"]["init_args"]["model"] == str(tiny_bert)
+    assert cfg["checkpoint"]["save_last"] is True
+    (tmp_path / "printed.yaml").write_text(out)
+    again = subprocess.run(
+        [sys.executable, "-m", "mitigate", "fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert yaml.safe_load(again) == cfg
+
+
+def test_bad_data_path_is_a_clear_error(tmp_path, tiny_bert):
+    with pytest.raises(Exception, match="not a folder"):
+        main(fit_args(tiny_bert, tmp_path / "nowhere", tmp_path / "run"))
+
+
+def test_wandb_offline_records_cacc_and_asr(tmp_path, tiny_bert, sst2_small, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    root = tmp_path / "run"
+    main(fit_args(tiny_bert, sst2_small, root, "--trainer.max_epochs", "1", "--wandb_project", "mitigate-test"))
+    runs = list(Path(root).glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    logged = wandb_history(runs[0].read_bytes(), ["test/cacc", "test/asr", "val/cacc", "val/asr"])
+    results = json.loads((root / "results.json").read_text())
+    assert logged["test/cacc"] == pytest.approx(results["test/cacc"])
+    assert logged["test/asr"] == pytest.approx(results["test/asr"])
+    assert 0.0 <= logged["val/cacc"] <= 1.0 and 0.0 <= logged["val/asr"] <= 1.0
+
+
+def wandb_history(raw: bytes, keys: list[str]) -> dict[str, float]:
+    """Last logged value of each key in an offline W&B run file. History items are protobuf
+    messages: field 2 the key, field 16 its JSON value, both length-prefixed strings."""
+    out = {}
+    for key in keys:
+        k = key.encode()
+        pattern = b"\x12" + bytes([len(k)]) + k + b"\x82\x01"
+        at = raw.rfind(pattern)
+        assert at >= 0, f"{key} not logged to W&B"
+        start = at + len(pattern)
+        out[key] = float(raw[start + 1 : start + 1 + raw[start]].decode())
+    return out

@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from mitigate.data import BackdoorDataModule, DataError
+from mitigate.data.poisoners import BadNet
+from mitigate.data.sampling import ResumableDataLoader, SeededShuffleSampler
+from tests.conftest import MINILM, write_tsv
+
+
+def _dm(path, **kw):
+    kw.setdefault("poisoner", BadNet(poison_rate=0.1, target_label=1))
+    return BackdoorDataModule(str(path), tokenizer=MINILM, **kw)
+
+
+def test_sets_and_sizes(sst2_small):
+    dm = _dm(sst2_small, batch_size=8)
+    dm.setup("fit")
+    assert dm.num_classes == 2
+    assert len(dm.datasets["train"]) == 128
+    assert sum(ex.poisoned for ex in dm.datasets["train"].examples) == int(0.1 * 128)
+    n_neg_dev = sum(ex.label == 0 for ex in dm.clean_splits["dev"])
+    assert len(dm.datasets["dev_poisoned"]) == n_neg_dev
+    batch = next(iter(dm.val_dataloader()))
+    assert set(batch) == {"input_ids", "attention_mask", "trigger_mask", "labels", "poisoned"}
+    # evaluation covers clean and poisoned samples exactly once
+    seen = sum(len(b["labels"]) for b in dm.val_dataloader())
+    assert seen == 64 + n_neg_dev
+
+
+def test_clean_subset_is_a_seeded_fraction(sst2_small):
+    a = _dm(sst2_small, train_set="clean_subset", clean_fraction=0.25)
+    b = _dm(sst2_small, train_set="clean_subset", clean_fraction=0.25)
+    assert len(a.clean_subset) == 32 and a.clean_subset == b.clean_subset
+    assert not any(ex.poisoned for ex in a.examples("train"))
+    assert a.clean_subset != _dm(sst2_small, train_set="clean_subset", clean_fraction=0.25, seed=1).clean_subset
+
+
+def test_any_number_of_classes(tmp_path):
+    rows = [(f"text number {i}", i % 3) for i in range(30)]
+    for s in ("train", "dev", "test"):
+        write_tsv(tmp_path / f"{s}.tsv", rows)
+    dm = _dm(tmp_path, poisoner=BadNet(target_label=2, poison_rate=0.2))
+    assert dm.num_classes == 3
+    dm.setup("test")
+    assert len(dm.datasets["test_poisoned"]) == 20
+
+
+def test_label_out_of_range_in_test(tmp_path):
+    write_tsv(tmp_path / "train.tsv", [("a", 0), ("b", 1)])
+    write_tsv(tmp_path / "dev.tsv", [("a", 0)])
+    write_tsv(tmp_path / "test.tsv", [("a", 0), ("b", 5)])
+    with pytest.raises(DataError, match=r"test\.tsv: example 2: label 5 is outside 0\.\.1"):
+        _dm(tmp_path).num_classes
+
+
+def test_bad_settings(tmp_path, sst2_small):
+    with pytest.raises(ValueError, match="needs a poisoner"):
+        BackdoorDataModule(str(sst2_small), poisoner=None, train_set="poisoned")
+    with pytest.raises(ValueError, match="target_label 4 is outside"):
+        _dm(sst2_small, poisoner=BadNet(target_label=4)).num_classes
+    with pytest.raises(DataError, match="not a folder"):
+        _dm(tmp_path / "nowhere").num_classes
+
+
+def test_resumable_loader_skips_consumed_batches():
+    data = list(range(20))
+    make = lambda: ResumableDataLoader(data, batch_size=4, sampler=SeededShuffleSampler(20, seed=3))  # noqa: E731
+    full = [b.tolist() for b in make()]
+    dl = make()
+    it = iter(dl)
+    first = [next(it).tolist() for _ in range(2)]
+    state = dl.state_dict()
+    assert state == {"batches_yielded": 2}
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert first + [b.tolist() for b in resumed] == full
+    # a finished epoch is not skipped again
+    done = make()
+    list(done)
+    again = make()
+    again.load_state_dict(done.state_dict())
+    assert [b.tolist() for b in again] == full
+    s = SeededShuffleSampler(20, seed=3)
+    s.set_epoch(1)
+    assert list(s) != list(SeededShuffleSampler(20, seed=3))
+    assert sorted(s) == list(range(20))
+    assert torch.equal(torch.tensor(list(s)), torch.tensor(list(s)))
