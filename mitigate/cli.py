@@ -58,6 +58,9 @@ class MitigateCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
+        if "weights_only" in config and config.weights_only is None:
+            # checkpoints given to --ckpt_path may come from elsewhere: never unpickle code
+            config.weights_only = True
         root = config.trainer.default_root_dir or "."
         if config.get("wandb_project"):
             config.trainer.logger = [
