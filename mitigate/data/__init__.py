@@ -1,0 +1,4 @@
+from mitigate.data.datamodule import BackdoorDataModule
+from mitigate.data.io import DataError, Example, read_examples
+
+__all__ = ["BackdoorDataModule", "DataError", "Example", "read_examples"]

@@ -1,0 +1,210 @@
+"""One DataModule for every job: clean splits, the attacker's poisoned mix, the defender's
+clean subset, and clean + poisoned evaluation sets."""
+
+from __future__ import annotations
+
+import logging
+import random
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
+from torch.utils.data import ConcatDataset, DataLoader
+
+from mitigate.data.encoding import EncodedDataset, PadCollator
+from mitigate.data.io import (
+    DataError,
+    Example,
+    check_labels,
+    find_split_file,
+    infer_num_classes,
+    read_examples,
+    resolve_data_dir,
+)
+from mitigate.data.poisoners import Poisoner
+from mitigate.data.sampling import LengthSortedSampler, ResumableDataLoader, SeededShuffleSampler
+from mitigate.models.loading import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "dev", "test")
+
+
+def load_splits(path: str, text_column: str, label_column: str) -> tuple[dict[str, list[Example]], dict[str, str]]:
+    """Clean train/dev/test examples from a folder (or a Hugging Face ``datasets`` id) and where
+    each came from."""
+    folder = resolve_data_dir(path)
+    if folder is not None:
+        files = {s: find_split_file(folder, s) for s in SPLITS}
+        return {s: read_examples(f, text_column, label_column) for s, f in files.items()}, {s: str(f) for s, f in files.items()}
+    try:
+        import datasets  # optional
+    except ImportError:
+        raise DataError(
+            f"data.path {path!r}: not a folder, nor under $MITIGATE_DATA_DIR; install `datasets` to load hub ids"
+        ) from None
+    ds = datasets.load_dataset(path)
+    names = {"train": "train", "dev": "validation" if "validation" in ds else "dev", "test": "test"}
+    out, where = {}, {}
+    for split, name in names.items():
+        if name not in ds:
+            raise DataError(f"{path}: the hub dataset has no {name!r} split (has {list(ds)})")
+        cols = ds[name].column_names
+        for col in (text_column, label_column):
+            if col not in cols:
+                raise DataError(f"{path}[{name}]: missing column {col!r} (columns: {cols})")
+        out[split] = [Example(t.strip(), int(y)) for t, y in zip(ds[name][text_column], ds[name][label_column])]
+        where[split] = f"{path}[{name}]"
+    return out, where
+
+
+class BackdoorDataModule(pl.LightningDataModule):
+    """Data for poisoned training, clean fine-tuning and evaluation.
+
+    Args:
+        path: folder with train/dev/test files (.tsv/.csv/.jsonl), a name under
+            ``$MITIGATE_DATA_DIR`` (default ``./data``), or a Hugging Face datasets id.
+        tokenizer: tokenizer hub id or folder (the CLI links it to the model's).
+        poisoner: the attack (BadNet, InsertSent, PrePoisoned...). It poisons the training mix
+            and builds the poisoned dev/test sets used for ASR. None: no ASR.
+        train_set: what the model trains on: ``poisoned`` (the attacker's mix), ``clean`` (the
+            whole clean training set) or ``clean_subset`` (the defender's small clean data).
+        clean_fraction: the defender's share of the clean training set (seeded sample).
+        max_length: sub-tokens per input after truncation.
+        seed: seed of the defender's subset and of the training order.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        tokenizer: str = "sentence-transformers/all-MiniLM-L6-v2",
+        poisoner: Poisoner | None = None,
+        train_set: Literal["poisoned", "clean", "clean_subset"] = "poisoned",
+        clean_fraction: float = 0.2,
+        max_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int = 128,
+        num_workers: int = 0,
+        seed: int = 42,
+        text_column: str = "sentence",
+        label_column: str = "label",
+    ) -> None:
+        super().__init__()
+        if train_set == "poisoned" and poisoner is None:
+            raise ValueError("train_set='poisoned' needs a poisoner; use train_set='clean' for a clean model")
+        if not 0.0 < clean_fraction <= 1.0:
+            raise ValueError(f"clean_fraction must be in (0, 1], got {clean_fraction}")
+        self.save_hyperparameters(ignore=["poisoner"])
+        self.poisoner = poisoner
+        self.datasets: dict[str, EncodedDataset] = {}
+
+    # -- data before tokenisation -------------------------------------------------------------
+    @cached_property
+    def _clean(self) -> tuple[dict[str, list[Example]], dict[str, str]]:
+        hp = self.hparams
+        splits, where = load_splits(hp.path, hp.text_column, hp.label_column)
+        n = infer_num_classes(splits["train"], where["train"])
+        for s in ("dev", "test"):
+            check_labels(splits[s], n, where[s])
+        if self.poisoner is not None and not 0 <= self.poisoner.target_label < n:
+            raise ValueError(f"poisoner.target_label {self.poisoner.target_label} is outside 0..{n - 1}")
+        return splits, where
+
+    @property
+    def clean_splits(self) -> dict[str, list[Example]]:
+        return self._clean[0]
+
+    @cached_property
+    def num_classes(self) -> int:
+        return infer_num_classes(self.clean_splits["train"], self._clean[1]["train"])
+
+    @cached_property
+    def clean_subset(self) -> list[Example]:
+        """The defender's clean data: a seeded ``clean_fraction`` of the clean training set."""
+        train = self.clean_splits["train"]
+        k = max(1, round(self.hparams.clean_fraction * len(train)))
+        idx = sorted(random.Random(f"{self.hparams.seed}-clean-subset").sample(range(len(train)), k))
+        return [train[i] for i in idx]
+
+    def examples(self, name: str) -> list[Example]:
+        """``train`` (per ``train_set``), ``dev``, ``test``, ``dev_poisoned``, ``test_poisoned``."""
+        splits = self.clean_splits
+        if name == "train":
+            if self.hparams.train_set == "poisoned":
+                return self.poisoner.poison_train(splits["train"])
+            return self.clean_subset if self.hparams.train_set == "clean_subset" else splits["train"]
+        if name.endswith("_poisoned"):
+            split = name.removesuffix("_poisoned")
+            return [] if self.poisoner is None else self.poisoner.poison_eval(splits[split], split)
+        return splits[name]
+
+    # -- Lightning hooks ----------------------------------------------------------------------
+    @cached_property
+    def tokenizer(self):
+        return load_tokenizer(self.hparams.tokenizer)
+
+    def _encode(self, name: str) -> None:
+        if name not in self.datasets:
+            self.datasets[name] = EncodedDataset(self.examples(name), self.tokenizer, self.hparams.max_length)
+
+    def setup(self, stage: str) -> None:
+        names = {"fit": ["train", "dev", "dev_poisoned"], "validate": ["dev", "dev_poisoned"]}.get(
+            stage, ["test", "test_poisoned"]
+        )
+        for name in names:
+            self._encode(name)
+        sizes = ", ".join(f"{n}={len(self.datasets[n])}" for n in names)
+        log.info("data %s (%s): %s", self.hparams.path, stage, sizes)
+
+    def _collate(self) -> PadCollator:
+        return PadCollator(self.tokenizer.pad_token_id)
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.datasets["train"]
+        seed = self.hparams.seed
+        return ResumableDataLoader(
+            ds,
+            batch_size=self.hparams.batch_size,
+            sampler=SeededShuffleSampler(len(ds), seed),
+            collate_fn=self._collate(),
+            num_workers=self.hparams.num_workers,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def _eval_loader(self, *names: str) -> DataLoader:
+        """One loader over the named sets (clean and poisoned samples are told apart by the
+        batch's ``poisoned`` flag), shortest inputs first."""
+        sets = [self.datasets[n] for n in names if len(self.datasets[n])]
+        sampler = LengthSortedSampler([n for ds in sets for n in ds.lengths()])
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            # every sample exactly once across ranks (Lightning's default pads with repeats)
+            sampler = UnrepeatedDistributedSamplerWrapper(
+                sampler, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
+        return DataLoader(
+            ConcatDataset(sets), batch_size=self.hparams.eval_batch_size, sampler=sampler,
+            collate_fn=self._collate(), num_workers=self.hparams.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("dev", "dev_poisoned")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test", "test_poisoned")
+
+    def predict_dataloader(self) -> DataLoader:
+        self._encode("test")
+        return self._eval_loader("test")
+
+    def describe(self) -> dict:
+        """Sizes and where the data came from, for the report."""
+        return {
+            "data": str(Path(self._clean[1]["train"]).parent) if self.hparams.path else None,
+            "num_classes": self.num_classes,
+            "poisoner": repr(self.poisoner),
+            **{f"n_{k}": len(v) for k, v in self.datasets.items()},
+        }
