@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
-from mitigate.callbacks import ExportPretrained, ResultsWriter
+from mitigate.callbacks import ExportPretrained, PredictionWriter, ResultsWriter
 
 log = logging.getLogger("mitigate")
 
@@ -48,6 +48,8 @@ class MitigateCLI(LightningCLI):
         parser.link_arguments("trainer.default_root_dir", "results.dirpath", compute_fn=_under(""))
         parser.add_lightning_class_args(ExportPretrained, "export")
         parser.link_arguments("trainer.default_root_dir", "export.dirpath", compute_fn=_under("model"))
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.link_arguments("trainer.default_root_dir", "predictions.dirpath", compute_fn=_under(""))
         parser.link_arguments("model.init_args.model", "data.init_args.tokenizer")
         parser.link_arguments("data.num_classes", "model.init_args.num_labels", apply_on="instantiate")
         parser.add_argument("--test_after_fit", type=bool, default=True, help="Run `test` on the final weights after `fit`.")

@@ -117,3 +117,19 @@ def wandb_history(raw: bytes, keys: list[str]) -> dict[str, float]:
         start = at + len(pattern)
         out[key] = float(raw[start + 1 : start + 1 + raw[start]].decode())
     return out
+
+
+def test_predict_writes_one_row_per_test_sentence_in_order(tmp_path, tiny_bert, sst2_small):
+    import csv
+
+    main([
+        "predict", "--config", str(REPO / "recipes" / "badnet_sst2.yaml"),
+        "--model.init_args.model", str(tiny_bert), "--data.init_args.path", str(sst2_small),
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+    ])
+    rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
+    texts = [line.split("\t")[0] for line in (sst2_small / "test.tsv").read_text().splitlines()[1:]]
+    assert [r["text"] for r in rows] == texts
+    for r in rows:
+        p0, p1 = float(r["p0"]), float(r["p1"])
+        assert abs(p0 + p1 - 1) < 1e-4 and int(r["pred"]) == int(p1 > p0)
