@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import random
 from functools import cached_property
-from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -103,7 +102,9 @@ class BackdoorDataModule(pl.LightningDataModule):
 
     # -- data before tokenisation -------------------------------------------------------------
     @cached_property
-    def _clean(self) -> tuple[dict[str, list[Example]], dict[str, str]]:
+    def clean_splits(self) -> dict[str, list[Example]]:
+        """The clean train/dev/test examples, checked: every class of train present, every
+        dev/test label one of them, the poisoner's target one of them."""
         hp = self.hparams
         splits, where = load_splits(hp.path, hp.text_column, hp.label_column)
         n = infer_num_classes(splits["train"], where["train"])
@@ -111,15 +112,13 @@ class BackdoorDataModule(pl.LightningDataModule):
             check_labels(splits[s], n, where[s])
         if self.poisoner is not None and not 0 <= self.poisoner.target_label < n:
             raise ValueError(f"poisoner.target_label {self.poisoner.target_label} is outside 0..{n - 1}")
-        return splits, where
+        self._num_classes = n
+        return splits
 
     @property
-    def clean_splits(self) -> dict[str, list[Example]]:
-        return self._clean[0]
-
-    @cached_property
     def num_classes(self) -> int:
-        return infer_num_classes(self.clean_splits["train"], self._clean[1]["train"])
+        self.clean_splits  # reads and checks the data once
+        return self._num_classes
 
     @cached_property
     def clean_subset(self) -> list[Example]:
@@ -199,12 +198,3 @@ class BackdoorDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         self._encode("test")
         return self._eval_loader("test")
-
-    def describe(self) -> dict:
-        """Sizes and where the data came from, for the report."""
-        return {
-            "data": str(Path(self._clean[1]["train"]).parent) if self.hparams.path else None,
-            "num_classes": self.num_classes,
-            "poisoner": repr(self.poisoner),
-            **{f"n_{k}": len(v) for k, v in self.datasets.items()},
-        }
