@@ -42,7 +42,7 @@ class MitigateCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 50})
+        parser.set_defaults({"checkpoint.save_last": "link", "checkpoint.every_n_train_steps": 50})
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_under("checkpoints"))
         parser.add_lightning_class_args(ResultsWriter, "results")
         parser.link_arguments("trainer.default_root_dir", "results.dirpath", compute_fn=_under(""))

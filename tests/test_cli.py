@@ -76,7 +76,7 @@ def test_print_config_round_trips(tmp_path, tiny_bert, sst2_small):
     ).stdout
     cfg = yaml.safe_load(out)
     assert cfg["model"]["init_args"]["model"] == str(tiny_bert)
-    assert cfg["checkpoint"]["save_last"] is True
+    assert cfg["checkpoint"]["save_last"] == "link"
     (tmp_path / "printed.yaml").write_text(out)
     again = subprocess.run(
         [sys.executable, "-m", "mitigate", "fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"],
