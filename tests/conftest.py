@@ -54,15 +54,24 @@ def bert_tokenizer():
 
 def _tiny_model_dir(root: Path, tokenizer, num_labels: int, kind: str = "bert") -> Path:
     import torch
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
 
     torch.manual_seed(0)
-    assert kind == "bert"
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128, num_labels=num_labels,
+    shape = dict(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=num_labels,
     )
-    BertForSequenceClassification(config).save_pretrained(root)
+    if kind == "bert":
+        model = BertForSequenceClassification(BertConfig(max_position_embeddings=128, **shape))
+    elif kind == "roberta":
+        config = RobertaConfig(
+            max_position_embeddings=132, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **shape,
+        )
+        model = RobertaForSequenceClassification(config)
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(root)
     tokenizer.save_pretrained(root)
     return root
 
@@ -71,3 +80,30 @@ def _tiny_model_dir(root: Path, tokenizer, num_labels: int, kind: str = "bert") 
 def tiny_bert(tmp_path_factory, bert_tokenizer) -> Path:
     """A 2-layer, hidden-32 BERT classifier with MiniLM's tokenizer, saved as safetensors."""
     return _tiny_model_dir(tmp_path_factory.mktemp("tiny_bert"), bert_tokenizer, 2)
+
+
+@pytest.fixture(scope="session")
+def roberta_tokenizer(sst2_dir):
+    """A byte-level BPE tokenizer (RoBERTa's scheme: a word start carries the preceding space,
+    "Ġ") trained in memory on SST-2 sentences; no download."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaTokenizerFast
+
+    texts = [line.split("\t")[0] for line in (sst2_dir / "train.tsv").read_text().splitlines()[1:1000]]
+    bpe = ByteLevelBPETokenizer()
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    bpe.train_from_iterator(texts, vocab_size=800, min_frequency=2, special_tokens=specials, show_progress=False)
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in _bpe_merges(bpe)]
+    return RobertaTokenizerFast(vocab=bpe.get_vocab(), merges=merges)
+
+
+def _bpe_merges(bpe) -> list:
+    import json
+
+    return json.loads(bpe._tokenizer.to_str())["model"]["merges"]
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta(tmp_path_factory, roberta_tokenizer) -> Path:
+    """A 2-layer, hidden-32 RoBERTa classifier with a byte-level BPE tokenizer, saved as safetensors."""
+    return _tiny_model_dir(tmp_path_factory.mktemp("tiny_roberta"), roberta_tokenizer, 2, kind="roberta")

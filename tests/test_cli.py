@@ -34,7 +34,8 @@ def test_fit_writes_results_checkpoints_config_and_export(tmp_path, tiny_bert, s
     results = json.loads((root / "results.json").read_text())
     assert set(results) >= {"test/cacc", "test/asr"}
     assert all(0.0 <= results[k] <= 1.0 for k in ("test/cacc", "test/asr"))
-    assert "| test/cacc |" in (root / "results.md").read_text()
+    table = (root / "results.md").read_text()
+    assert "| model | cacc | asr |" in table and f"| model | {100 * results['test/cacc']:.2f} |" in table
     assert (root / "checkpoints" / "last.ckpt").is_file()
     config = yaml.safe_load(next(root.glob("lightning_logs/version_*/config.yaml")).read_text())
     assert config["data"]["init_args"]["poisoner"]["class_path"] == "mitigate.data.poisoners.BadNet"

@@ -10,21 +10,46 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
 
 
-def write_results(results: dict[str, float], dirpath: str | Path, title: str = "Results") -> None:
-    """Write ``results.json`` and a Markdown table ``results.md`` into ``dirpath``."""
+def results_table(results: dict[str, float], row_names: dict[str, str] | None = None) -> list[str]:
+    """A Markdown table with one row per evaluated model and one column per metric.
+
+    ``test/<metric>`` belongs to the run's model, ``test/<name>/<metric>`` to model ``name``
+    (MBTSAD: ``suspicious``, ``teacher``). ``row_names`` maps names ("" for the run's model)
+    to the labels shown, and orders the rows."""
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in results.items():
+        parts = key.split("/")
+        name, metric = ("/".join(parts[1:-1]), parts[-1]) if len(parts) > 2 else ("", parts[-1])
+        rows.setdefault(name, {})[metric] = value
+    names = dict(row_names or {})
+    order = [n for n in names if n in rows] + sorted(n for n in rows if n not in names)
+    preferred = ["cacc", "asr"]
+    metrics = [m for m in preferred if any(m in r for r in rows.values())]
+    metrics += sorted({m for r in rows.values() for m in r} - set(metrics))
+    lines = ["| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for n in order:
+        cells = [_show(m, rows[n][m]) if m in rows[n] else "" for m in metrics]
+        lines.append(f"| {names.get(n, n or 'model')} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _show(metric: str, v: float) -> str:
+    return f"{100 * v:.2f}" if _is_rate(metric) else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+
+def write_results(
+    results: dict[str, float], dirpath: str | Path, title: str = "Results", row_names: dict[str, str] | None = None
+) -> None:
+    """Write ``results.json`` (flat) and ``results.md`` (a model x metric table, rates in %)."""
     d = Path(dirpath)
     d.mkdir(parents=True, exist_ok=True)
     (d / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    rows = [f"# {title}", "", "| metric | value |", "| --- | --- |"]
-    for k in sorted(results):
-        v = results[k]
-        shown = f"{100 * v:.2f}%" if _is_rate(k) else (f"{v:.4g}" if isinstance(v, float) else str(v))
-        rows.append(f"| {k} | {shown} |")
-    (d / "results.md").write_text("\n".join(rows) + "\n")
+    lines = [f"# {title}", "", *results_table(results, row_names), "", "Rates (CACC, ASR, ...) in %."]
+    (d / "results.md").write_text("\n".join(lines) + "\n")
 
 
 def _is_rate(key: str) -> bool:
-    return key.rsplit("/", 1)[-1] in {"cacc", "asr", "frr", "far", "acc"}
+    return key.rsplit("/", 1)[-1] in {"cacc", "asr", "frr", "far", "acc", "auroc", "precision"}
 
 
 class ResultsWriter(pl.Callback):
@@ -41,4 +66,7 @@ class ResultsWriter(pl.Callback):
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         results = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         results["test/wall_s"] = round(time.perf_counter() - self._start, 2)
-        write_results(results, self.dirpath or trainer.default_root_dir, title=type(pl_module).__name__)
+        write_results(
+            results, self.dirpath or trainer.default_root_dir, title=type(pl_module).__name__,
+            row_names=getattr(pl_module, "report_rows", None),
+        )

@@ -25,6 +25,7 @@ from mitigate.data.io import (
 )
 from mitigate.data.poisoners import Poisoner
 from mitigate.data.sampling import LengthSortedSampler, ResumableDataLoader, SeededShuffleSampler
+from mitigate.data.token_split import TokenSplit
 from mitigate.models.loading import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class BackdoorDataModule(pl.LightningDataModule):
         train_set: what the model trains on: ``poisoned`` (the attacker's mix), ``clean`` (the
             whole clean training set) or ``clean_subset`` (the defender's small clean data).
         clean_fraction: the defender's share of the clean training set (seeded sample).
+        token_split: replace the training set by its token-split augmentation (MBTSAD's D_ts:
+            ``copies`` split variants per sample, built once and cached).
         max_length: sub-tokens per input after truncation.
         seed: seed of the defender's subset and of the training order.
     """
@@ -83,6 +86,7 @@ class BackdoorDataModule(pl.LightningDataModule):
         poisoner: Poisoner | None = None,
         train_set: Literal["poisoned", "clean", "clean_subset"] = "poisoned",
         clean_fraction: float = 0.2,
+        token_split: TokenSplit | None = None,
         max_length: int = 128,
         batch_size: int = 32,
         eval_batch_size: int = 128,
@@ -96,8 +100,9 @@ class BackdoorDataModule(pl.LightningDataModule):
             raise ValueError("train_set='poisoned' needs a poisoner; use train_set='clean' for a clean model")
         if not 0.0 < clean_fraction <= 1.0:
             raise ValueError(f"clean_fraction must be in (0, 1], got {clean_fraction}")
-        self.save_hyperparameters(ignore=["poisoner"])
+        self.save_hyperparameters(ignore=["poisoner", "token_split"])
         self.poisoner = poisoner
+        self.token_split = token_split
         self.datasets: dict[str, EncodedDataset] = {}
 
     # -- data before tokenisation -------------------------------------------------------------
@@ -133,8 +138,10 @@ class BackdoorDataModule(pl.LightningDataModule):
         splits = self.clean_splits
         if name == "train":
             if self.hparams.train_set == "poisoned":
-                return self.poisoner.poison_train(splits["train"])
-            return self.clean_subset if self.hparams.train_set == "clean_subset" else splits["train"]
+                train = self.poisoner.poison_train(splits["train"])
+            else:
+                train = self.clean_subset if self.hparams.train_set == "clean_subset" else splits["train"]
+            return self.token_split(train) if self.token_split is not None else train
         if name.endswith("_poisoned"):
             split = name.removesuffix("_poisoned")
             return [] if self.poisoner is None else self.poisoner.poison_eval(splits[split], split)

@@ -1,3 +1,4 @@
 from mitigate.modules.classifier import TextClassifier
+from mitigate.modules.mbtsad import MBTSAD
 
-__all__ = ["TextClassifier"]
+__all__ = ["MBTSAD", "TextClassifier"]

@@ -15,6 +15,17 @@ from mitigate.metrics import BackdoorMetrics
 from mitigate.models.loading import load_classifier
 
 
+def seed_step(module: pl.LightningModule) -> None:
+    """Dropout masks as a function of (seed, step, rank): a run resumed mid-epoch draws the
+    same masks as an uninterrupted one."""
+    seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+    torch.manual_seed((seed * 1_000_003 + module.global_step) * 64 + module.global_rank)
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float = 0.0):
+    return get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * total_steps), max(1, total_steps))
+
+
 class TextClassifier(pl.LightningModule):
     """Cross-entropy fine-tuning of any Hugging Face sequence classifier.
 
@@ -48,10 +59,7 @@ class TextClassifier(pl.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        # Dropout masks as a function of (seed, rank, step): a run resumed mid-epoch draws the
-        # same masks as an uninterrupted one.
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        torch.manual_seed((seed * 1_000_003 + self.global_step) * 64 + self.global_rank)
+        seed_step(self)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
@@ -77,6 +85,5 @@ class TextClassifier(pl.LightningModule):
         opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.schedule == "constant":
             return opt
-        total = self.trainer.estimated_stepping_batches
-        sched = get_linear_schedule_with_warmup(opt, int(hp.warmup_ratio * total), total)
+        sched = linear_schedule(opt, self.trainer.estimated_stepping_batches, hp.warmup_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

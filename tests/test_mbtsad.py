@@ -1,0 +1,118 @@
+"""MBTSAD end to end on tiny BERT- and RoBERTa-shaped models and a slice of SST-2."""
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from mitigate.cli import main
+from mitigate.data import BackdoorDataModule
+from mitigate.data.poisoners import BadNet
+from mitigate.data.token_split import TokenSplit
+from mitigate.models import load_classifier
+from mitigate.modules import MBTSAD
+from tests.conftest import REPO
+
+
+def mbtsad_args(model_dir, data_dir, root, *extra):
+    return [
+        "fit", "--config", str(REPO / "recipes" / "mbtsad_sst2.yaml"),
+        "--model.init_args.model", str(model_dir),
+        "--data.init_args.path", str(data_dir),
+        "--data.init_args.batch_size", "16",
+        "--data.init_args.clean_fraction", "0.5",
+        "--data.init_args.token_split.init_args.copies", "2",
+        "--trainer.default_root_dir", str(root),
+        "--trainer.max_epochs", "2",
+        "--model.init_args.tsft_epochs", "1",
+        "--model.init_args.tsft_lr", "1e-3",
+        "--model.init_args.lr", "1e-3",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--trainer.log_every_n_steps", "1",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_mbtsad_fit_reports_three_models_and_exports_teacher_and_student(tmp_path, kind, request, sst2_small, monkeypatch):
+    monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
+    model_dir = request.getfixturevalue(f"tiny_{kind}")
+    root = tmp_path / "run"
+    main(mbtsad_args(model_dir, sst2_small, root))
+    results = json.loads((root / "results.json").read_text())
+    for name in ("test/", "test/teacher/", "test/suspicious/"):
+        assert 0.0 <= results[name + "cacc"] <= 1.0 and 0.0 <= results[name + "asr"] <= 1.0
+    table = (root / "results.md").read_text()
+    rows = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows == ["| model", "| suspicious model", "| TS-FT (teacher)", "| MBTSAD (student)"]
+    # the suspicious model's numbers are those of the checkpoint as given
+    main([
+        "test", "--config", str(REPO / "recipes" / "badnet_sst2.yaml"), "--model.init_args.model", str(model_dir),
+        "--data.init_args.path", str(sst2_small), "--trainer.default_root_dir", str(tmp_path / "plain"),
+        "--trainer.enable_progress_bar", "false",
+    ])
+    plain = json.loads((tmp_path / "plain" / "results.json").read_text())
+    assert results["test/suspicious/cacc"] == pytest.approx(plain["test/cacc"])
+    assert results["test/suspicious/asr"] == pytest.approx(plain["test/asr"])
+    # teacher and student exported as checkpoints, each different from the suspicious one
+    original = load_classifier(str(model_dir)).state_dict()
+    for folder in ("model", "teacher"):
+        assert (root / folder / "model.safetensors").is_file() and (root / folder / "tokenizer.json").is_file()
+        state = load_classifier(str(root / folder)).state_dict()
+        assert any(not torch.equal(state[k], original[k]) for k in original)
+    metrics = next(root.glob("lightning_logs/version_*/metrics.csv")).read_text()
+    for key in ("train/tsft_loss", "train/at", "train/hid", "train/ce", "val/cacc", "val/asr"):
+        assert key in metrics
+
+
+class Snapshot(pl.Callback):
+    """The teacher's weights when TS-FT ends (end of epoch tsft_epochs - 1)."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == pl_module.hparams.tsft_epochs - 1:
+            self.teacher = {k: v.clone() for k, v in pl_module.teacher.state_dict().items()}
+            self.student = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
+
+
+def test_teacher_frozen_during_distillation_and_student_untouched_during_tsft(tmp_path, tiny_bert, sst2_small):
+    dm = BackdoorDataModule(
+        str(sst2_small), tokenizer=str(tiny_bert), train_set="clean_subset", clean_fraction=0.5, batch_size=16,
+        token_split=TokenSplit(copies=2, cache_dir=str(tmp_path)), poisoner=BadNet(target_label=1),
+    )
+    module = MBTSAD(str(tiny_bert), tsft_epochs=1, tsft_lr=1e-3, lr=1e-3)
+    original = {k: v.clone() for k, v in module.model.state_dict().items()}
+    snap = Snapshot()
+    trainer = pl.Trainer(
+        max_epochs=2, callbacks=[snap], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=dm)
+    # TS-FT trained the teacher only
+    assert all(torch.equal(snap.student[k], original[k]) for k in original)
+    assert any(not torch.equal(snap.teacher[k], original[k]) for k in original)
+    # distillation trained the student only; the teacher stayed as TS-FT left it
+    after = module.teacher.state_dict()
+    assert all(torch.equal(after[k], snap.teacher[k]) for k in after)
+    assert any(not torch.equal(module.model.state_dict()[k], original[k]) for k in original)
+    # the suspicious copy kept for the report is the checkpoint as loaded
+    assert all(torch.equal(module.suspicious.state_dict()[k], original[k]) for k in original)
+
+
+def test_distillation_only_from_a_given_teacher_and_config_errors(tmp_path, tiny_bert, sst2_small, monkeypatch):
+    monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="tsft_epochs to 0"):
+        MBTSAD(str(tiny_bert), teacher=str(tiny_bert), tsft_epochs=1)
+    with pytest.raises(ValueError, match="tsft_epochs must be >= 1"):
+        MBTSAD(str(tiny_bert), tsft_epochs=0)
+    with pytest.raises(ValueError, match=r"trainer.max_epochs \(1\) must exceed model.tsft_epochs \(1\)"):
+        main(mbtsad_args(tiny_bert, sst2_small, tmp_path / "bad", "--trainer.max_epochs", "1"))
+    # a given teacher: every epoch is distillation
+    root = tmp_path / "distil"
+    main(mbtsad_args(
+        tiny_bert, sst2_small, root, "--model.init_args.teacher", str(tiny_bert), "--model.init_args.tsft_epochs", "0",
+        "--trainer.max_epochs", "1", "--model.init_args.ablation", "no-hid",
+    ))
+    metrics = next(root.glob("lightning_logs/version_*/metrics.csv")).read_text()
+    assert "train/tsft_loss" not in metrics.splitlines()[0]
