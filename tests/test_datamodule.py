@@ -85,3 +85,23 @@ def test_resumable_loader_skips_consumed_batches():
     assert list(s) != list(SeededShuffleSampler(20, seed=3))
     assert sorted(s) == list(range(20))
     assert torch.equal(torch.tensor(list(s)), torch.tensor(list(s)))
+
+
+def test_group_by_length_sampler_makes_homogeneous_random_batches():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 60, (1000,), generator=g).tolist()
+    s = SeededShuffleSampler(1000, seed=5, lengths=lengths, batch_size=10, window=20)
+    order = list(s)
+    assert sorted(order) == list(range(1000)) and order == list(s)  # a permutation, deterministic
+    batches = [order[i : i + 10] for i in range(0, 1000, 10)]
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 5  # random batches of 10 from 3..59 spread over ~45
+    padded = sum(10 * max(lengths[i] for i in b) for b in batches)
+    assert padded < 1.1 * sum(lengths)
+    s.set_epoch(1)
+    assert list(s) != order
+    # batch order is shuffled, not sorted by length
+    maxes = [max(lengths[i] for i in b) for b in batches]
+    assert maxes != sorted(maxes) and maxes != sorted(maxes, reverse=True)
+    with pytest.raises(ValueError, match="batch_size"):
+        SeededShuffleSampler(1000, lengths=lengths)

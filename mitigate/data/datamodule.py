@@ -76,6 +76,8 @@ class BackdoorDataModule(pl.LightningDataModule):
         token_split: replace the training set by its token-split augmentation (MBTSAD's D_ts:
             ``copies`` split variants per sample, built once and cached).
         max_length: sub-tokens per input after truncation.
+        group_by_length: training batches of similar-length samples (seeded; less padding,
+            about half the compute on SST-2).
         seed: seed of the defender's subset and of the training order.
     """
 
@@ -89,6 +91,7 @@ class BackdoorDataModule(pl.LightningDataModule):
         token_split: TokenSplit | None = None,
         max_length: int = 128,
         batch_size: int = 32,
+        group_by_length: bool = False,
         eval_batch_size: int = 128,
         num_workers: int = 0,
         seed: int = 42,
@@ -174,7 +177,10 @@ class BackdoorDataModule(pl.LightningDataModule):
         return ResumableDataLoader(
             ds,
             batch_size=self.hparams.batch_size,
-            sampler=SeededShuffleSampler(len(ds), seed),
+            sampler=SeededShuffleSampler(
+                len(ds), seed, lengths=ds.lengths() if self.hparams.group_by_length else None,
+                batch_size=self.hparams.batch_size,
+            ),
             collate_fn=self._collate(),
             num_workers=self.hparams.num_workers,
             generator=torch.Generator().manual_seed(seed),

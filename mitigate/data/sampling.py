@@ -10,11 +10,23 @@ from torch.utils.data import DataLoader, Sampler
 
 class SeededShuffleSampler(Sampler[int]):
     """A new permutation every epoch, a function of (seed, epoch) only: a resumed run sees
-    the same order as an uninterrupted one. Lightning calls ``set_epoch``."""
+    the same order as an uninterrupted one. Lightning calls ``set_epoch``.
 
-    def __init__(self, num_samples: int, seed: int = 0) -> None:
+    With ``lengths`` and ``batch_size`` it groups samples of similar length into batches (less
+    padding, about half the compute on SST-2): the permutation is cut into windows of
+    ``window`` batches, each window is sorted by length and cut into batches, and the order of
+    all batches is shuffled again. Batches stay random in content and order, only their
+    lengths are homogeneous."""
+
+    def __init__(
+        self, num_samples: int, seed: int = 0, lengths: Sequence[int] | None = None,
+        batch_size: int | None = None, window: int = 50,
+    ) -> None:
+        if lengths is not None and (len(lengths) != num_samples or not batch_size):
+            raise ValueError("grouping by length needs one length per sample and a batch_size")
         self.num_samples = num_samples
         self.seed = seed
+        self.lengths, self.batch_size, self.window = lengths, batch_size, window
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -22,7 +34,19 @@ class SeededShuffleSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=g).tolist())
+        order = torch.randperm(self.num_samples, generator=g).tolist()
+        if self.lengths is None:
+            return iter(order)
+        bs, span = self.batch_size, self.batch_size * self.window
+        batches = []
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start : start + span], key=lambda i: self.lengths[i])
+            batches += [chunk[k : k + bs] for k in range(0, len(chunk), bs)]
+        # full batches only are shuffled; a short one (the very last) stays last
+        full = [b for b in batches if len(b) == bs]
+        rest = [b for b in batches if len(b) != bs]
+        perm = torch.randperm(len(full), generator=g).tolist()
+        return iter([i for b in [full[j] for j in perm] + rest for i in b])
 
     def __len__(self) -> int:
         return self.num_samples
