@@ -59,3 +59,20 @@ def test_ddp_two_processes_match_one(tmp_path, tiny_bert, sst2_small):
     single, ddp = results(tmp_path / "single"), results(tmp_path / "ddp")
     assert set(single) == {"test/cacc", "test/asr"}
     assert ddp == single
+
+
+def test_killed_mbtsad_run_resumes_mid_distillation_to_the_same_result(tmp_path, tiny_bert, sst2_small, monkeypatch):
+    from tests.test_mbtsad import mbtsad_args
+
+    monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
+    # 64 clean samples x 2 split copies / batch 16 = 8 steps an epoch: TS-FT epoch 0, distillation epoch 1
+    common = ["--checkpoint.every_n_train_steps", "3", "--trainer.deterministic", "true"]
+    run_mitigate(mbtsad_args(tiny_bert, sst2_small, tmp_path / "full", *common))
+    crashed = tmp_path / "crashed"
+    crash = ["--trainer.callbacks+=tests.crash.HardCrash", "--trainer.callbacks.at_step", "13"]
+    proc = run_mitigate(mbtsad_args(tiny_bert, sst2_small, crashed, *common, *crash), check=False)
+    assert proc.returncode == 137, proc.stderr[-3000:]
+    run_mitigate(mbtsad_args(tiny_bert, sst2_small, crashed, *common, "--ckpt_path", "last"))
+    full = results(tmp_path / "full")
+    assert set(full) >= {"test/cacc", "test/asr", "test/teacher/asr", "test/suspicious/asr"}
+    assert results(crashed) == full

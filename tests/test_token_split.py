@@ -132,3 +132,21 @@ def test_roberta_byte_level_tokens_of_split_words(roberta_tokenizer):
     assert all(" " not in piece for piece in spans)
     tokens = roberta_tokenizer.convert_ids_to_tokens(enc["input_ids"])
     assert sum(t.startswith("Ġ") for t in tokens) == len(out.split()) - 1
+
+
+def test_roberta_trigger_sub_tokens_are_located(roberta_tokenizer, sst2_small):
+    """The trigger masks come from character offsets, so they hold for byte-level BPE too:
+    the flagged sub-tokens spell exactly the inserted triggers."""
+    from mitigate.data.encoding import EncodedDataset
+    from mitigate.data.io import read_examples
+    from mitigate.data.poisoners import BadNet
+
+    test = read_examples(sst2_small / "test.tsv", "sentence", "label")
+    poisoned = BadNet(triggers=["cf", "tq", "mn", "bb", "mb"], num_triggers=[1, 3, 5], target_label=0).poison_eval(test, "test")
+    ds = EncodedDataset(poisoned, roberta_tokenizer, max_length=128)
+    for i in range(len(ds)):
+        item, ex = ds[i], poisoned[i]
+        tokens = roberta_tokenizer.convert_ids_to_tokens(item["input_ids"])
+        flagged = [t.lstrip("Ġ") for t, m in zip(tokens, item["trigger_mask"]) if m]
+        words = ex.text.split()
+        assert "".join(flagged) == "".join(words[j] for j in ex.trigger_words)

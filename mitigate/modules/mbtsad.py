@@ -34,10 +34,14 @@ class MBTSAD(pl.LightningModule):
         model: the suspicious checkpoint (hub id or folder, safetensors).
         num_labels: number of classes (the CLI links it to the data).
         teacher: an already trained TS-FT teacher to distil from; then ``tsft_epochs`` must be 0.
-        tsft_epochs, tsft_lr: TS-FT training of the teacher.
+        tsft_epochs, tsft_lr, tsft_schedule: TS-FT training of the teacher (``constant`` learning
+            rate, or ``linear`` decay to 0 over the TS-FT epochs after the warm-up).
         lr: learning rate of the distillation.
         alpha, beta, p, att_layers, hid_layers, ablation: see ``mitigate.losses.DistillationLoss``.
-        weight_decay, warmup_ratio: AdamW weight decay and linear warm-up share, both steps.
+        weight_decay: AdamW weight decay, both steps.
+        schedule: the distillation's learning rate, ``constant`` or ``linear`` decay to 0 over
+            the distillation epochs.
+        warmup_ratio: linear warm-up share of each step's steps (``linear`` schedules).
         allow_pickle: allow pickled ``.bin`` weights (only for checkpoints you trust).
     """
 
@@ -48,6 +52,7 @@ class MBTSAD(pl.LightningModule):
         teacher: str | None = None,
         tsft_epochs: int = 3,
         tsft_lr: float = 1e-4,
+        tsft_schedule: Literal["constant", "linear"] = "linear",
         lr: float = 2e-5,
         alpha: float = 1.0,
         beta: float = 1.0,
@@ -56,6 +61,7 @@ class MBTSAD(pl.LightningModule):
         hid_layers: Sequence[int] | None = None,
         ablation: Ablation | None = None,
         weight_decay: float = 0.0,
+        schedule: Literal["constant", "linear"] = "linear",
         warmup_ratio: float = 0.0,
         allow_pickle: bool = False,
     ) -> None:
@@ -118,8 +124,14 @@ class MBTSAD(pl.LightningModule):
         distill_epochs = self.trainer.max_epochs - hp.tsft_epochs
         opt_t = torch.optim.AdamW(self.teacher.parameters(), lr=hp.tsft_lr, weight_decay=hp.weight_decay)
         opt_s = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        sched_t = linear_schedule(opt_t, hp.tsft_epochs * per_epoch, hp.warmup_ratio)
-        sched_s = linear_schedule(opt_s, distill_epochs * per_epoch, hp.warmup_ratio)
+
+        def schedule(opt, kind: str, steps: int):
+            if kind == "constant":
+                return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+            return linear_schedule(opt, steps, hp.warmup_ratio)
+
+        sched_t = schedule(opt_t, hp.tsft_schedule, hp.tsft_epochs * per_epoch)
+        sched_s = schedule(opt_s, hp.schedule, distill_epochs * per_epoch)
         return [opt_t, opt_s], [sched_t, sched_s]
 
     # -- training -------------------------------------------------------------------------
