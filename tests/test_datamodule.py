@@ -105,3 +105,11 @@ def test_group_by_length_sampler_makes_homogeneous_random_batches():
     assert maxes != sorted(maxes) and maxes != sorted(maxes, reverse=True)
     with pytest.raises(ValueError, match="batch_size"):
         SeededShuffleSampler(1000, lengths=lengths)
+
+
+def test_without_a_poisoner_there_is_no_poisoned_set(sst2_small, bert_tokenizer):
+    dm = BackdoorDataModule(str(sst2_small), tokenizer=bert_tokenizer.name_or_path, train_set="clean")
+    dm.setup("fit")
+    assert len(dm.datasets["dev_poisoned"]) == 0 and len(dm.datasets["train"]) == 128
+    batch = next(iter(dm.val_dataloader()))
+    assert not batch["poisoned"].any()

@@ -18,6 +18,9 @@ class EncodedDataset(Dataset):
 
     def __init__(self, examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, max_length: int = 128):
         self.examples = list(examples)
+        if not self.examples:  # e.g. no poisoner: no poisoned evaluation set
+            self.input_ids, self.trigger_masks = [], []
+            return
         enc = tokenizer(
             [ex.text for ex in self.examples],
             truncation=True,
