@@ -103,10 +103,10 @@ class TokenSplit:
             tokenizer=str.split, reverse_tokenizer=" ".join,
         )
 
-    def split_text(self, text: str, seed: int) -> str:
+    def split_text(self, text: str, seed: int, augmenter=None) -> str:
         """One augmented variant of ``text``, deterministic in ``seed``."""
         with _seeded(seed):
-            return self._augmenter().split(text)
+            return (augmenter or self._augmenter()).split(text)
 
     def build(self, examples: Sequence[Example]) -> list[Example]:
         """The augmented set, sample by sample: copies of sample 0, then of sample 1, ..."""
@@ -114,8 +114,7 @@ class TokenSplit:
         out = []
         for i, ex in enumerate(tqdm(examples, desc="token splitting", unit="sample", mininterval=2)):
             for j in range(self.copies):
-                with _seeded(self.seed * 1_000_003 + i * 1_009 + j):
-                    out.append(Example(aug.split(ex.text), ex.label))
+                out.append(Example(self.split_text(ex.text, self.seed * 1_000_003 + i * 1_009 + j, aug), ex.label))
         return out
 
     def cache_key(self, examples: Sequence[Example]) -> str:

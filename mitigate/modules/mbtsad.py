@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from mitigate.losses import ABLATIONS, DistillationLoss
+from mitigate.losses import DistillationLoss
 from mitigate.metrics import BackdoorMetrics
 from mitigate.models.loading import load_classifier
 from mitigate.modules.classifier import linear_schedule, seed_step
@@ -70,8 +70,6 @@ class MBTSAD(pl.LightningModule):
             raise ValueError("model.teacher is an already trained teacher: set model.tsft_epochs to 0")
         if teacher is None and tsft_epochs < 1:
             raise ValueError("model.tsft_epochs must be >= 1 (or give a trained model.teacher)")
-        if ablation not in ABLATIONS:
-            raise ValueError(f"model.ablation must be one of {ABLATIONS}, got {ablation!r}")
         self.save_hyperparameters()
         self.automatic_optimization = False  # two optimizers, one per step of the method
 
