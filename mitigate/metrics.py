@@ -1,10 +1,11 @@
-"""CACC and ASR as torchmetrics (synced across DDP ranks by torchmetrics itself)."""
+"""CACC, ASR and the defenses' rates as torchmetrics (synced across DDP ranks by torchmetrics
+itself)."""
 
 from __future__ import annotations
 
 import torch
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
 
 
 class BackdoorMetrics(torch.nn.Module):
@@ -29,3 +30,73 @@ class BackdoorMetrics(torch.nn.Module):
         """The metric objects that saw data, for ``LightningModule.log_dict``."""
         return {**(dict(self.cacc.items()) if self.cacc["cacc"].update_called else {}),
                 **(dict(self.asr.items()) if self.asr["asr"].update_called else {})}
+
+
+class Rate(Metric):
+    """sum(hits) / count, summed over batches and DDP ranks; nan when nothing was counted (so
+    every rank can call ``compute`` whatever data it saw)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("hits", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, hits: torch.Tensor) -> None:
+        self.hits += hits.double().sum()
+        self.count += hits.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.hits / self.count if self.count > 0 else torch.tensor(float("nan"), dtype=torch.float64)
+
+
+class CorrectionMetrics(torch.nn.Module):
+    """CACC and ASR of the predictions a defense made after correcting its inputs (IMBERT,
+    ONION); ``extra`` names more rates the defense updates itself (e.g. top-K precision)."""
+
+    def __init__(self, target_label: int, extra: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.target_label = target_label
+        self.rates = torch.nn.ModuleDict({k: Rate() for k in ("cacc", "asr", *extra)})
+
+    def update(self, preds: torch.Tensor, labels: torch.Tensor, poisoned: torch.Tensor) -> None:
+        self.rates["cacc"].update(preds[~poisoned] == labels[~poisoned])
+        self.rates["asr"].update(preds[poisoned] == self.target_label)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {k: m.compute() for k, m in self.rates.items()}
+
+    def reset(self) -> None:
+        for m in self.rates.values():
+            m.reset()
+
+
+class DetectionMetrics(torch.nn.Module):
+    """FRR (clean samples flagged / clean), FAR (poisoned not flagged / poisoned) and the AUROC
+    of the suspicion score (higher = more suspicious), over the samples given to ``update``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frr, self.far = Rate(), Rate()
+        self.auroc = BinaryAUROC()
+
+    def update(self, flagged: torch.Tensor, suspicion: torch.Tensor, poisoned: torch.Tensor) -> None:
+        self.frr.update(flagged[~poisoned])
+        self.far.update(~flagged[poisoned])
+        if len(poisoned):
+            # torchmetrics applies a sigmoid to any update whose scores leave [0, 1] and not to the
+            # others, which mixes scales across batches: squash every score ourselves (monotone,
+            # float64 so that close scores stay apart)
+            self.auroc.update(torch.sigmoid(suspicion.double()), poisoned.long())
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        out = {"frr": self.frr.compute(), "far": self.far.compute()}
+        # both classes present (counts are synced, so every rank takes the same branch)
+        both = self.frr.count > 0 and self.far.count > 0
+        out["auroc"] = self.auroc.compute() if both else torch.tensor(float("nan"))
+        return out
+
+    def reset(self) -> None:
+        for m in (self.frr, self.far, self.auroc):
+            m.reset()

@@ -155,16 +155,18 @@ class BackdoorDataModule(pl.LightningDataModule):
     def tokenizer(self):
         return load_tokenizer(self.hparams.tokenizer)
 
-    def _encode(self, name: str) -> None:
+    def dataset(self, name: str) -> EncodedDataset:
+        """The named set (see ``examples``), tokenised once."""
         if name not in self.datasets:
             self.datasets[name] = EncodedDataset(self.examples(name), self.tokenizer, self.hparams.max_length)
+        return self.datasets[name]
 
     def setup(self, stage: str) -> None:
         names = {"fit": ["train", "dev", "dev_poisoned"], "validate": ["dev", "dev_poisoned"]}.get(
             stage, ["test", "test_poisoned"]
         )
         for name in names:
-            self._encode(name)
+            self.dataset(name)
         sizes = ", ".join(f"{n}={len(self.datasets[n])}" for n in names)
         log.info("data %s (%s): %s", self.hparams.path, stage, sizes)
 
@@ -186,10 +188,11 @@ class BackdoorDataModule(pl.LightningDataModule):
             generator=torch.Generator().manual_seed(seed),
         )
 
-    def _eval_loader(self, *names: str) -> DataLoader:
+    def eval_loader(self, *names: str, batch_size: int | None = None) -> DataLoader:
         """One loader over the named sets (clean and poisoned samples are told apart by the
-        batch's ``poisoned`` flag), shortest inputs first."""
-        sets = [self.datasets[n] for n in names if len(self.datasets[n])]
+        batch's ``poisoned`` flag), shortest inputs first; under DDP each rank gets its share,
+        every sample exactly once."""
+        sets = [self.dataset(n) for n in names if len(self.dataset(n))]
         sampler = LengthSortedSampler([n for ds in sets for n in ds.lengths()])
         trainer = self.trainer
         if trainer is not None and trainer.world_size > 1:
@@ -198,16 +201,15 @@ class BackdoorDataModule(pl.LightningDataModule):
                 sampler, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
             )
         return DataLoader(
-            ConcatDataset(sets), batch_size=self.hparams.eval_batch_size, sampler=sampler,
+            ConcatDataset(sets), batch_size=batch_size or self.hparams.eval_batch_size, sampler=sampler,
             collate_fn=self._collate(), num_workers=self.hparams.num_workers,
         )
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("dev", "dev_poisoned")
+        return self.eval_loader("dev", "dev_poisoned")
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test", "test_poisoned")
+        return self.eval_loader("test", "test_poisoned")
 
     def predict_dataloader(self) -> DataLoader:
-        self._encode("test")
-        return self._eval_loader("test")
+        return self.eval_loader("test")

@@ -13,8 +13,9 @@ from mitigate.data.io import Example
 
 class EncodedDataset(Dataset):
     """Examples tokenised up front (no per-epoch work). Each item holds ``input_ids``,
-    ``attention_mask``, ``labels``, ``poisoned`` and ``trigger_mask`` (1 on every sub-token
-    that overlaps an inserted trigger word; the ground truth for top-K precision)."""
+    ``labels``, ``poisoned``, ``index`` (its position in ``examples``: test-time defenses
+    look up the text with it) and ``trigger_mask`` (1 on every sub-token that overlaps an
+    inserted trigger word; the ground truth for top-K precision)."""
 
     def __init__(self, examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, max_length: int = 128):
         self.examples = list(examples)
@@ -44,6 +45,7 @@ class EncodedDataset(Dataset):
             "trigger_mask": self.trigger_masks[i],
             "labels": ex.label,
             "poisoned": ex.poisoned,
+            "index": i,
         }
 
     def lengths(self) -> list[int]:
@@ -87,4 +89,5 @@ class PadCollator:
             "trigger_mask": trig,
             "labels": torch.tensor([it["labels"] for it in items]),
             "poisoned": torch.tensor([it["poisoned"] for it in items]),
+            "index": torch.tensor([it.get("index", -1) for it in items]),
         }

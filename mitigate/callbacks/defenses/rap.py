@@ -1,0 +1,175 @@
+"""RAP: a trained rare-word perturbation that moves clean inputs' protect-label probability
+and not poisoned ones'; detection by thresholding that move."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from mitigate.callbacks.defenses.base import Defense, encode_texts, gather_cat, percentile_threshold, progress, world
+from mitigate.defenses.rap import construct_rap, rap_delta
+from mitigate.metrics import DetectionMetrics
+
+log = logging.getLogger(__name__)
+
+
+def poisoner_words(poisoner) -> set[str]:
+    """Every word the run's poisoner inserts (BadNet triggers, InsertSent's sentence), lower-cased."""
+    words: set[str] = set()
+    for t in getattr(poisoner, "triggers", []) or []:
+        words.update(t.lower().split())
+    sentence = getattr(poisoner, "sentence", None)
+    if sentence:
+        words.update(sentence.lower().split())
+    return words
+
+
+@contextmanager
+def swapped_row(model, row: int, value: torch.Tensor):
+    """The input embedding ``row`` set to ``value`` inside the block, restored after."""
+    weight = model.get_input_embeddings().weight
+    saved = weight.data[row].clone()
+    weight.data[row] = value
+    try:
+        yield
+    finally:
+        weight.data[row] = saved
+
+
+class RAP(Defense):
+    """RAP detection (Yang et al., 2021).
+
+    Construction: the RAP ``word`` (one sub-token; never one of the run's triggers) is inserted
+    at the first word position of clean held-out samples of the protect label, and only its
+    input-embedding row is trained (SGD, ``lr``, ``epochs``, batches of ``construct_batch_size``)
+    on E[λ·relu(c_low − Δ) + relu(Δ − c_up)], Δ(x) = p(y_T|x) − p(y_T|word + x).
+    Threshold: the ``frr``-th percentile of Δ over the held-out protect-label samples the model
+    predicts as y_T. Test: only samples predicted as y_T are checked; flagged if Δ < threshold.
+    FRR, FAR and AUROC (score −Δ) over those samples. The trained row is swapped in for the
+    defense's own passes only: the undefended evaluation and the model after the run are
+    untouched. Under DDP the row gradient is the single-process one (share-weighted slices
+    summed across ranks) and thresholds come from
+    every rank's scores.
+
+    Args:
+        word: the RAP word. Default "jj"; the paper's "cf" is a BadNet trigger here.
+        protect_label: y_T; default the poisoner's target label.
+        frr: allowed false-rejection rate in % (threshold percentile; 0.5, 1, 3, 5).
+        c_low, c_up: the margin of the probability drop (0.05 / 0.2 for clean-fine-tuned models).
+    """
+
+    def __init__(
+        self,
+        word: str = "jj",
+        protect_label: int | None = None,
+        frr: float = 1.0,
+        lr: float = 1e-2,
+        epochs: int = 5,
+        construct_batch_size: int = 32,
+        c_low: float = 0.1,
+        c_up: float = 0.3,
+        lam: float = 1.0,
+        name: str = "rap",
+        batch_size: int = 64,
+        max_samples: int | None = None,
+        seed: int = 42,
+        write_csv: bool = True,
+    ) -> None:
+        if not 0 < frr < 100:
+            raise ValueError(f"frr is a percentage in (0, 100), got {frr}")
+        if not 0 <= c_low < c_up:
+            raise ValueError(f"need 0 <= c_low < c_up, got c_low={c_low}, c_up={c_up}")
+        super().__init__(name, batch_size, max_samples, seed, write_csv)
+        self.word, self.protect_label, self.frr = word, protect_label, frr
+        self.lr, self.epochs, self.construct_batch_size = lr, epochs, construct_batch_size
+        self.c_low, self.c_up, self.lam = c_low, c_up, lam
+
+    def metrics(self, num_classes: int) -> torch.nn.Module:
+        return DetectionMetrics()
+
+    def _setup(self, trainer) -> None:
+        poisoner = trainer.datamodule.poisoner
+        label = self.protect_label if self.protect_label is not None else getattr(poisoner, "target_label", None)
+        if label is None:
+            raise ValueError(f"{self.name}: give protect_label (the data module has no poisoner to take it from)")
+        if self.word.lower() in poisoner_words(poisoner):
+            raise ValueError(
+                f"{self.name}: the RAP word {self.word!r} is a trigger of this run's poisoner {poisoner!r}; "
+                "its embedding carries the backdoor. Choose another rare word (default 'jj')."
+            )
+        ids = self.tokenizer(trainer)(self.word, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"{self.name}: the RAP word {self.word!r} must be one sub-token; the tokenizer gives {ids}")
+        self.label, self.word_id = label, ids[0]
+
+    def calibrate(self, trainer, pl_module) -> None:
+        self._setup(trainer)
+        model, tok, max_len = self.model(pl_module), self.tokenizer(trainer), self.max_length(trainer)
+        texts = [ex.text for ex in self.held_out(trainer) if ex.label == self.label]
+        if not texts:
+            raise ValueError(f"{self.name}: the held-out (dev) set has no sample of the protect label {self.label}")
+        n, rank = world(trainer)
+        # the same global batches on every rank, each rank encoding its slice of each; the
+        # share-weighted row gradients are summed across ranks (= the single-process gradient)
+        bs = self.construct_batch_size
+        batches = []
+        for s in range(0, len(texts), bs):
+            chunk = texts[s : s + bs]
+            mine = chunk[rank::n]
+            ids, attn = encode_texts(tok, mine, max_len, pl_module.device) if mine else (torch.empty(0), torch.empty(0))
+            batches.append((ids, attn, len(mine) / len(chunk)))
+
+        def total(g: torch.Tensor) -> torch.Tensor:
+            if n > 1:
+                g = g.clone()
+                dist.all_reduce(g)
+            return g
+
+        weight = model.get_input_embeddings().weight
+        original = weight.data[self.word_id].clone()
+        with progress(self.epochs * len(batches), f"{self.name}: constructing", trainer) as bar:
+            losses = construct_rap(
+                model, batches, self.word_id, self.label, self.epochs, self.lr, self.c_low, self.c_up, self.lam,
+                reduce_grad=total, progress=bar,
+            )
+        self.row = weight.data[self.word_id].clone()
+        weight.data[self.word_id] = original  # the model stays as it was; the row is swapped in when defending
+        log.info("%s: construction loss per epoch %s", self.name, [round(x, 4) for x in losses])
+        # threshold from this rank's share of the held-out samples, gathered
+        share = texts[rank::n]
+        deltas, preds = [], []
+        with torch.no_grad(), swapped_row(model, self.word_id, self.row):
+            for s in range(0, len(share), self.batch_size):
+                ids, attn = encode_texts(tok, share[s : s + self.batch_size], max_len, pl_module.device)
+                d, p = rap_delta(model, ids, attn, self.word_id, self.label)
+                deltas.append(d.cpu()), preds.append(p.argmax(-1).cpu())
+        d, p = gather_cat(trainer, torch.cat(deltas)), gather_cat(trainer, torch.cat(preds))
+        kept = d[p == self.label]
+        self.threshold = percentile_threshold(kept, self.frr)
+        self.calib_n = len(kept)
+        self.final_loss = losses[-1]
+        log.info("%s: threshold Δ < %.4f (%g%% of %d held-out samples of label %d)", self.name, self.threshold, self.frr, len(kept), self.label)
+
+    def defend(self, trainer, pl_module, batch, texts) -> None:
+        model = self.model(pl_module)
+        for s in range(0, len(texts), self.batch_size):
+            ids, attn = batch["input_ids"][s : s + self.batch_size], batch["attention_mask"][s : s + self.batch_size]
+            with torch.no_grad(), swapped_row(model, self.word_id, self.row):
+                delta, probs = rap_delta(model, ids, attn, self.word_id, self.label)
+            pred = probs.argmax(-1)
+            checked = pred == self.label
+            flagged = checked & (delta < self.threshold)
+            poisoned = batch["poisoned"][s : s + self.batch_size].bool()
+            self.metric.update(flagged[checked], -delta[checked], poisoned[checked])
+            for r in range(len(ids)):
+                self.rows.append({
+                    "poisoned": int(poisoned[r]), "index": int(batch["index"][s + r]), "text": texts[s + r],
+                    "label": int(batch["labels"][s + r]), "pred": int(pred[r]), "checked": int(checked[r]),
+                    "delta": f"{float(delta[r]):.9g}", "flagged": int(flagged[r]),
+                })
+
+    def extra_results(self) -> dict[str, float]:
+        return {"threshold": self.threshold, "calib_samples": float(self.calib_n), "construct_loss": self.final_loss}

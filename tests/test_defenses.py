@@ -1,0 +1,160 @@
+"""The defense callbacks end to end: the recipe recipes/defend_sst2.yaml on a tiny BERT and a
+slice of SST-2 (ONION with a tiny GPT-2), results and per-sample CSVs that agree, the
+undefended numbers untouched, bad settings refused, and DDP with 2 CPU processes."""
+
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+from torchmetrics.functional.classification import binary_auroc
+
+from mitigate.callbacks.defenses import IMBERT, RAP, STRIP
+from tests.conftest import REPO
+from tests.test_resume_and_ddp import run_mitigate
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory, roberta_tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny_lm")
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(roberta_tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128)).save_pretrained(d)
+    roberta_tokenizer.save_pretrained(d)
+    return d
+
+
+def defend_config(tmp_path, lm_dir, **onion):
+    cfg = yaml.safe_load((REPO / "recipes" / "defend_sst2.yaml").read_text())
+    for cb in cfg["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("ONION"):
+            cb["init_args"].update(lm=str(lm_dir), max_samples=10, lm_batch_size=16, **onion)
+        if cb["class_path"].endswith("RAP"):
+            cb["init_args"].update(epochs=2)
+        if cb["class_path"].endswith("STRIP"):
+            cb["init_args"].update(copies=4)
+    path = tmp_path / "defend.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def defend_args(config, model_dir, data_dir, root, *extra):
+    return [
+        "test", "--config", str(config), "--model.init_args.model", str(model_dir),
+        "--data.init_args.path", str(data_dir), "--data.init_args.eval_batch_size", "16",
+        "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+        "--trainer.accelerator", "cpu", *extra,
+    ]
+
+
+def read_csv(path):
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def load_results(root):
+    return json.loads((root / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def defended(tmp_path_factory, tiny_bert, sst2_small, tiny_lm_dir):
+    tmp = tmp_path_factory.mktemp("defend")
+    run_mitigate(defend_args(defend_config(tmp, tiny_lm_dir), tiny_bert, sst2_small, tmp / "run"))
+    return tmp / "run"
+
+
+def test_recipe_runs_all_four_defenses_and_reports_them_in_one_table(defended):
+    r = load_results(defended)
+    for name, metrics in {
+        "imbert_g": ("cacc", "asr", "precision", "removed"), "rap": ("frr", "far", "auroc", "threshold"),
+        "strip": ("frr", "far", "auroc", "threshold"), "onion": ("cacc", "asr", "bar"),
+    }.items():
+        for m in (*metrics, "wall_s", "samples_per_s", "calib_s"):
+            assert f"test/{name}/{m}" in r, (name, m)
+    table = (defended / "results.md").read_text()
+    for row in ("| model |", "| imbert_g |", "| rap |", "| strip |", "| onion |"):
+        assert row in table
+
+
+def test_per_sample_csvs_agree_with_the_logged_metrics(defended, sst2_small):
+    r = load_results(defended)
+    n_clean = len((sst2_small / "test.tsv").read_text().splitlines()) - 1
+    imbert = read_csv(defended / "defense_imbert_g.csv")
+    clean = [x for x in imbert if x["poisoned"] == "0"]
+    poisoned = [x for x in imbert if x["poisoned"] == "1"]
+    assert len(clean) == n_clean and poisoned
+    assert r["test/imbert_g/cacc"] == pytest.approx(sum(x["defended_pred"] == x["label"] for x in clean) / len(clean))
+    assert r["test/imbert_g/asr"] == pytest.approx(sum(x["defended_pred"] == "1" for x in poisoned) / len(poisoned))
+    for name in ("rap", "strip"):
+        rows = read_csv(defended / f"defense_{name}.csv")
+        assert len(rows) == len(imbert)
+        if name == "rap":  # only samples predicted as the protect label are checked
+            rows = [x for x in rows if x["checked"] == "1"]
+        c = [x for x in rows if x["poisoned"] == "0"]
+        p = [x for x in rows if x["poisoned"] == "1"]
+        assert r[f"test/{name}/frr"] == pytest.approx(sum(x["flagged"] == "1" for x in c) / len(c))
+        assert r[f"test/{name}/far"] == pytest.approx(sum(x["flagged"] == "0" for x in p) / len(p))
+    onion = read_csv(defended / "defense_onion.csv")
+    assert sum(x["poisoned"] == "0" for x in onion) == 10 and sum(x["poisoned"] == "1" for x in onion) == 10
+    assert all(len(x["suspicion"].split()) == len(x["text"].split()) for x in onion)
+
+
+def test_defenses_leave_the_undefended_evaluation_and_the_model_untouched(defended, tmp_path, tiny_bert, sst2_small):
+    run_mitigate([
+        "test", "--config", str(REPO / "recipes" / "badnet_sst2.yaml"), "--model.init_args.model", str(tiny_bert),
+        "--data.init_args.path", str(sst2_small), "--data.init_args.eval_batch_size", "16",
+        "--trainer.default_root_dir", str(tmp_path / "plain"), "--trainer.enable_progress_bar", "false",
+    ])
+    plain, r = load_results(tmp_path / "plain"), load_results(defended)
+    assert r["test/cacc"] == plain["test/cacc"] and r["test/asr"] == plain["test/asr"]
+
+
+def test_ddp_two_processes_give_the_single_process_defense_metrics(defended, tmp_path, tiny_bert, sst2_small, tiny_lm_dir):
+    cfg = defend_config(tmp_path, tiny_lm_dir)
+    run_mitigate(defend_args(cfg, tiny_bert, sst2_small, tmp_path / "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp"))
+    single, ddp = load_results(defended), load_results(tmp_path / "ddp")
+    skip = ("wall_s", "samples_per_s", "calib_s", "construct_loss")
+    keys = [k for k in single if not k.endswith(skip)]
+    assert set(keys) <= set(ddp)
+    # A random tiny model's RAP deltas are ~1e-6 apart: other batch compositions (padding) move
+    # them by float rounding and reorder near-ties, which moves the AUROC (not the thresholded
+    # rates) a little. The AUROC of each run is checked against its own per-sample scores below.
+    diff = {k: (single[k], ddp[k]) for k in keys if ddp[k] != pytest.approx(single[k], abs=0.02 if "auroc" in k else 1e-5)}
+    assert not diff
+    for root in (defended, tmp_path / "ddp"):  # one CSV with every sample once; AUROC over all ranks
+        for name, score in (("rap", "delta"), ("strip", "entropy")):
+            rows = read_csv(root / f"defense_{name}.csv")
+            assert len({(x["poisoned"], x["index"]) for x in rows}) == len(rows) == len(read_csv(defended / "defense_rap.csv"))
+            rows = [x for x in rows if x.get("checked", "1") == "1"]
+            auroc = binary_auroc(-torch.tensor([float(x[score]) for x in rows], dtype=torch.float64), torch.tensor([int(x["poisoned"]) for x in rows]))
+            assert load_results(root)[f"test/{name}/auroc"] == pytest.approx(float(auroc), abs=1e-3)
+
+
+@pytest.mark.parametrize("word, message", [("cf", "is a trigger"), ("watched", "is a trigger"), ("zyxwvut", "one sub-token")])
+def test_rap_refuses_a_trigger_word_and_multi_token_words(word, message, sst2_small):
+    from types import SimpleNamespace
+
+    from mitigate.data import BackdoorDataModule
+    from mitigate.data.poisoners import BadNet, InsertSent
+
+    poisoner = InsertSent(sentence="I watched this movie") if word == "watched" else BadNet(triggers=["cf", "mn"])
+    dm = BackdoorDataModule(str(sst2_small), poisoner=poisoner)
+    with pytest.raises(ValueError, match=message):
+        RAP(word=word)._setup(SimpleNamespace(datamodule=dm))
+
+
+@pytest.mark.parametrize("bad", [dict(saliency="random"), dict(operation="drop"), dict(k=0)])
+def test_imbert_rejects_bad_settings(bad):
+    with pytest.raises(ValueError):
+        IMBERT(**bad)
+
+
+def test_rap_and_strip_reject_bad_settings():
+    with pytest.raises(ValueError):
+        RAP(frr=0)
+    with pytest.raises(ValueError):
+        RAP(c_low=0.3, c_up=0.1)
+    with pytest.raises(ValueError):
+        STRIP(ratio=0)
