@@ -1,0 +1,197 @@
+"""Speed of the test-time defenses, in one process, on the same model and samples.
+
+For each defense: samples/s, model passes per sample, and the ratio of its time to the time
+of the same number of plain batched forward passes over the same samples (the floor; a
+backward pass counts as one pass). Then the batched IMBERT and ONION against the way the
+reference implementations run them: IMBERT one sample per pass; ONION one LM pass per
+variant, and one sentence (all its variants) per batch.
+
+The defenses run through the callbacks' own per-batch code (``defend``), on batches of
+test-set samples sorted by length as in a `mitigate test` run. Each timing is the best of
+``--repeats`` rounds (rounds alternate the modes, so drifts of a shared CPU hit all alike).
+
+    python scripts/bench_defenses.py                       # BadNet victim, 128 clean + 128 poisoned
+    python scripts/bench_defenses.py --model runs/insertsent_sst2/model --onion-samples 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from mitigate.callbacks.defenses import IMBERT, ONION, RAP, STRIP
+from mitigate.callbacks.defenses.base import classify_texts
+from mitigate.data import BackdoorDataModule
+from mitigate.data.encoding import EncodedDataset, PadCollator
+from mitigate.data.poisoners import BadNet
+from mitigate.defenses.perplexity import encode_for_lm, onion_variants, perplexities, sequence_nll
+from mitigate.metrics import CorrectionMetrics, DetectionMetrics
+from mitigate.models import load_classifier
+from mitigate.models.loading import load_causal_lm
+
+
+def batches_of(examples, tok, batch_size: int) -> list[tuple[dict, list[str]]]:
+    """(batch, texts) pairs, shortest samples first, as the test loader makes them."""
+    ds = EncodedDataset(examples, tok, 128)
+    order = sorted(range(len(ds)), key=lambda i: len(ds.input_ids[i]))
+    collate = PadCollator(tok.pad_token_id)
+    out = []
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        batch = collate([ds[i] for i in idx])
+        batch["index"] = torch.tensor(idx)
+        out.append((batch, [examples[i].text for i in idx]))
+    return out
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="runs/badnet_sst2/model", help="victim folder (recipes/badnet_sst2.yaml exports it)")
+    ap.add_argument("--data", default="sst2")
+    ap.add_argument("--samples", type=int, default=128, help="clean and poisoned test samples each")
+    ap.add_argument("--onion-samples", type=int, default=16, help="clean and poisoned samples each for ONION")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lm", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    ap.add_argument("--lm-batch-size", type=int, default=64)
+    ap.add_argument("--strip-copies", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default="runs/bench_defenses.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    poisoner = BadNet(triggers=["cf", "mn", "bb", "tq"], num_triggers=[1], target_label=1)
+    dm = BackdoorDataModule(args.data, tokenizer=args.model, poisoner=poisoner)
+    rng = random.Random(0)
+    pick = lambda xs, k: [xs[i] for i in sorted(rng.sample(range(len(xs)), min(k, len(xs))))]  # noqa: E731
+    clean, poisoned = dm.examples("test"), dm.examples("test_poisoned")
+    examples = pick(clean, args.samples) + pick(poisoned, args.samples)
+    onion_examples = pick(clean, args.onion_samples) + pick(poisoned, args.onion_samples)
+    tok = dm.tokenizer
+    model = load_classifier(args.model, attn_implementation="eager").eval()
+    batches = batches_of(examples, tok, args.batch_size)
+    singles = batches_of(examples, tok, 1)
+    n = len(examples)
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(tokenizer=tok, hparams=SimpleNamespace(max_length=128)))
+    module = SimpleNamespace(model=model, device=torch.device("cpu"))
+
+    # -- defenses, set up as their calibration would leave them (thresholds do not change the cost)
+    imbert = IMBERT(batch_size=args.batch_size)
+    imbert.metric, imbert.rows = CorrectionMetrics(1, extra=("precision", "removed")), []
+    rap = RAP(batch_size=args.batch_size)
+    rap.label, rap.word_id = 1, tok("jj", add_special_tokens=False)["input_ids"][0]
+    rap.row, rap.threshold = model.get_input_embeddings().weight.data[rap.word_id].clone(), 0.0
+    rap.metric, rap.rows = DetectionMetrics(), []
+    strip = STRIP(copies=args.strip_copies, batch_size=256)
+    held = dm.examples("dev")
+    strip.all_words = [w for ex in held for w in ex.text.split()]
+    strip.pools = {c: [w for ex in held if ex.label != c for w in ex.text.split()] for c in (0, 1)}
+    strip.threshold, strip.metric, strip.rows = 0.0, DetectionMetrics(), []
+
+    def run_all(defense, bs):
+        def go():
+            defense.rows = []
+            with torch.no_grad():
+                for b, texts in bs:
+                    defense.defend(trainer, module, b, texts)
+        return go
+
+    @torch.no_grad()
+    def forward_all():
+        for b, _ in batches:
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+
+    modes = {
+        "floor: plain forward": (forward_all, 1),
+        "IMBERT-G batched": (run_all(imbert, batches), 3),
+        "IMBERT-G one sample per pass": (run_all(imbert, singles), 3),
+        "RAP": (run_all(rap, batches), 2),
+        f"STRIP (N={args.strip_copies})": (run_all(strip, batches), args.strip_copies + 1),
+    }
+    times: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for name, (fn, _) in modes.items():
+            t = timed(fn)
+            times[name] = min(times.get(name, float("inf")), t)
+            print(f"  {name}: {t:.2f} s", flush=True)
+
+    # -- ONION: its own (smaller) sample, LM passes
+    lm, lm_tok = load_causal_lm(args.lm)
+    onion = ONION(lm=args.lm, lm_batch_size=args.lm_batch_size)
+    onion.lm, onion.lm_tokenizer, onion._target = lm, lm_tok, 1
+    onion.metric, onion.rows = CorrectionMetrics(1), []
+    o_batches = batches_of(onion_examples, tok, args.batch_size)
+    texts = [ex.text for ex in onion_examples]
+    variants = [[t, *onion_variants(t)] for t in texts]
+    n_variants = sum(len(v) for v in variants)
+    pad = lm_tok.pad_token_id
+
+    def onion_per_sentence():
+        for v in variants:  # all variants of one sentence in one batch
+            perplexities(lm, lm_tok, v, batch_size=len(v))
+
+    def onion_per_variant():
+        for seq in encode_for_lm(lm_tok, [x for v in variants for x in v]):  # one LM pass per variant
+            sequence_nll(lm, [seq], pad)
+
+    lm_floor_seqs = sorted((s for t, v in zip(encode_for_lm(lm_tok, texts), variants) for s in [t] * len(v)), key=len)
+
+    @torch.no_grad()
+    def onion_floor():  # the same number of LM passes over the original sentences, batched
+        for s in range(0, len(lm_floor_seqs), args.lm_batch_size):
+            sequence_nll(lm, lm_floor_seqs[s : s + args.lm_batch_size], pad)
+        classify_texts(model, tok, texts, args.batch_size, 128)
+        classify_texts(model, tok, texts, args.batch_size, 128)
+
+    onion_modes = {
+        "floor: plain LM forward": onion_floor,
+        "ONION batched (packed)": run_all(onion, o_batches),
+        "ONION one sentence per batch": onion_per_sentence,
+        "ONION one pass per variant": onion_per_variant,
+    }
+    for _ in range(args.repeats):
+        for name, fn in onion_modes.items():
+            t = timed(fn)
+            times[name] = min(times.get(name, float("inf")), t)
+            print(f"  {name}: {t:.2f} s", flush=True)
+
+    floor = times["floor: plain forward"]
+    n_o = len(onion_examples)
+    rows = []
+    for name, (_, passes) in modes.items():
+        if name.startswith("floor"):
+            continue
+        rows.append((name, n, n / times[name], passes, times[name] / (passes * floor)))
+    lm_passes = n_variants / n_o
+    for name in ("ONION batched (packed)", "ONION one sentence per batch", "ONION one pass per variant"):
+        rows.append((name, n_o, n_o / times[name], lm_passes, times[name] / times["floor: plain LM forward"]))
+    print(f"\nMiniLM victim {args.model}; {n} test samples ({args.samples} clean + {args.samples} poisoned), "
+          f"batch {args.batch_size}; ONION: {n_o} samples, {args.lm}, LM batch {args.lm_batch_size}; "
+          f"{torch.get_num_threads()} threads; best of {args.repeats}")
+    print("| defense | samples | samples/s | passes/sample | time / floor |")
+    print("|---|---|---|---|---|")
+    for name, k, sps, passes, ratio in rows:
+        print(f"| {name} | {k} | {sps:.1f} | {passes:.1f} | {ratio:.2f} |")
+    speedups = {
+        "IMBERT-G batched vs one sample per pass": times["IMBERT-G one sample per pass"] / times["IMBERT-G batched"],
+        "ONION batched vs one pass per variant": times["ONION one pass per variant"] / times["ONION batched (packed)"],
+        "ONION batched vs one sentence per batch": times["ONION one sentence per batch"] / times["ONION batched (packed)"],
+    }
+    for k, v in speedups.items():
+        print(f"{k}: {v:.1f}x")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"times_s": times, "rows": rows, "speedups": speedups, "args": vars(args)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
