@@ -198,3 +198,13 @@ def test_detection_auroc_does_not_depend_on_how_scores_are_batched():
     out = m.compute()
     assert float(out["auroc"]) == pytest.approx(float(binary_auroc(torch.sigmoid(scores), poisoned.long())))
     assert float(out["frr"]) == pytest.approx(2 / 4) and float(out["far"]) == pytest.approx(0 / 4)
+
+
+def test_rap_construction_keeps_the_row_norm_when_asked(tiny):
+    model, ids, attn = tiny
+    weight = model.get_input_embeddings().weight
+    norm = float(weight[1000].norm())
+    construct_rap(model, [(ids, attn, 1.0)], 1000, protect_label=1, epochs=2, lr=10.0)
+    assert float(weight[1000].norm()) == pytest.approx(norm, rel=1e-5)
+    construct_rap(model, [(ids, attn, 1.0)], 1000, protect_label=1, epochs=2, lr=10.0, keep_norm=False)
+    assert float(weight[1000].norm()) != pytest.approx(norm, rel=1e-3)

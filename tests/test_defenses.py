@@ -158,3 +158,21 @@ def test_rap_and_strip_reject_bad_settings():
         RAP(c_low=0.3, c_up=0.1)
     with pytest.raises(ValueError):
         STRIP(ratio=0)
+
+
+def test_imbert_picks_lambda_on_clean_dev_data_within_the_allowed_drop(tiny_bert, sst2_small):
+    import lightning.pytorch as pl
+
+    from mitigate.data import BackdoorDataModule
+    from mitigate.data.poisoners import BadNet
+    from mitigate.modules import TextClassifier
+
+    lams = {}
+    for drop in (0.0, 100.0):
+        cb = IMBERT(max_cacc_drop=drop, write_csv=False)
+        trainer = pl.Trainer(callbacks=[cb], logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+        dm = BackdoorDataModule(str(sst2_small), tokenizer=str(tiny_bert), poisoner=BadNet(), eval_batch_size=16)
+        trainer.test(TextClassifier(str(tiny_bert)), datamodule=dm, verbose=False)
+        lams[drop] = trainer.callback_metrics["test/imbert_g/lam"].item()
+    # allowing any drop picks the largest candidate; allowing none a smaller (or equal) one
+    assert lams[100.0] >= lams[0.0] >= 0.0

@@ -67,6 +67,7 @@ def construct_rap(
     c_low: float = 0.1,
     c_up: float = 0.3,
     lam: float = 1.0,
+    keep_norm: bool = True,
     reduce_grad=None,
     progress=None,
 ) -> list[float]:
@@ -75,12 +76,15 @@ def construct_rap(
     ``share`` is this batch's fraction of the global batch (1 on one process). Plain SGD on
     that row only: every other weight of the model is left bit-identical. Under DDP each rank
     holds a slice of every global batch and ``reduce_grad`` sums the share-weighted row
-    gradients across ranks, which gives exactly the single-process gradient.
+    gradients across ranks, which gives exactly the single-process gradient. ``keep_norm``
+    rescales the row to its original L2 norm after every step, as the reference
+    implementations do (the RAP word stays on the scale of a word embedding).
     Returns the mean loss of each epoch (of this rank's samples)."""
     was_training = model.training
     model.eval()  # no dropout: Δ is measured in eval mode too
     losses = []
     with torch.inference_mode(False), torch.enable_grad(), embeddings_only(model) as weight:
+        norm = weight[word_id].detach().norm()
         for _ in range(epochs):
             total, n = 0.0, 0
             for ids, attn, share in batches:
@@ -92,13 +96,15 @@ def construct_rap(
                     loss = rap_loss(delta, c_low, c_up, lam)
                     (grad,) = torch.autograd.grad(loss * share, weight)
                     row_grad = grad[word_id]
-                    total, n = total + float(loss) * len(ids), n + len(ids)
+                    total, n = total + float(loss.detach()) * len(ids), n + len(ids)
                 else:  # this rank's slice of the global batch is empty
                     row_grad = torch.zeros_like(weight[word_id])
                 if reduce_grad is not None:
                     row_grad = reduce_grad(row_grad)
                 with torch.no_grad():
                     weight[word_id] -= lr * row_grad
+                    if keep_norm:
+                        weight[word_id] *= norm / weight[word_id].norm()
                 if progress is not None:
                     progress.update(1)
             losses.append(total / max(n, 1))

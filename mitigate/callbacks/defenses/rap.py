@@ -59,6 +59,7 @@ class RAP(Defense):
         protect_label: y_T; default the poisoner's target label.
         frr: allowed false-rejection rate in % (threshold percentile; 0.5, 1, 3, 5).
         c_low, c_up: the margin of the probability drop (0.05 / 0.2 for clean-fine-tuned models).
+        keep_norm: keep the row at its original norm after each step (reference implementations).
     """
 
     def __init__(
@@ -72,6 +73,7 @@ class RAP(Defense):
         c_low: float = 0.1,
         c_up: float = 0.3,
         lam: float = 1.0,
+        keep_norm: bool = True,
         name: str = "rap",
         batch_size: int = 64,
         max_samples: int | None = None,
@@ -85,7 +87,7 @@ class RAP(Defense):
         super().__init__(name, batch_size, max_samples, seed, write_csv)
         self.word, self.protect_label, self.frr = word, protect_label, frr
         self.lr, self.epochs, self.construct_batch_size = lr, epochs, construct_batch_size
-        self.c_low, self.c_up, self.lam = c_low, c_up, lam
+        self.c_low, self.c_up, self.lam, self.keep_norm = c_low, c_up, lam, keep_norm
 
     def metrics(self, num_classes: int) -> torch.nn.Module:
         return DetectionMetrics()
@@ -133,7 +135,7 @@ class RAP(Defense):
         with progress(self.epochs * len(batches), f"{self.name}: constructing", trainer) as bar:
             losses = construct_rap(
                 model, batches, self.word_id, self.label, self.epochs, self.lr, self.c_low, self.c_up, self.lam,
-                reduce_grad=total, progress=bar,
+                keep_norm=self.keep_norm, reduce_grad=total, progress=bar,
             )
         self.row = weight.data[self.word_id].clone()
         weight.data[self.word_id] = original  # the model stays as it was; the row is swapped in when defending
