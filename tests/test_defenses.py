@@ -176,3 +176,14 @@ def test_imbert_picks_lambda_on_clean_dev_data_within_the_allowed_drop(tiny_bert
         lams[drop] = trainer.callback_metrics["test/imbert_g/lam"].item()
     # allowing any drop picks the largest candidate; allowing none a smaller (or equal) one
     assert lams[100.0] >= lams[0.0] >= 0.0
+
+
+def test_a_defense_without_a_target_label_or_poisoner_says_so(sst2_small):
+    from types import SimpleNamespace
+
+    from mitigate.data import BackdoorDataModule
+
+    dm = BackdoorDataModule(str(sst2_small), train_set="clean")
+    with pytest.raises(ValueError, match="give protect_label"):
+        RAP()._setup(SimpleNamespace(datamodule=dm))
+    assert RAP(protect_label=1).target_of(SimpleNamespace(datamodule=dm), 1) == 1

@@ -123,10 +123,7 @@ class IMBERT(Defense):
         return lam
 
     def on_test_start(self, trainer, pl_module) -> None:
-        poisoner = trainer.datamodule.poisoner
-        self._target = self.target_label if self.target_label is not None else getattr(poisoner, "target_label", None)
-        if self._target is None:
-            raise ValueError(f"{self.name}: no target_label given and the data module has no poisoner to take it from")
+        self._target = self.target_of(trainer, self.target_label)
         super().on_test_start(trainer, pl_module)
 
     def defend(self, trainer, pl_module, batch, texts) -> None:

@@ -60,10 +60,7 @@ class ONION(Defense):
         return CorrectionMetrics(self._target)
 
     def on_test_start(self, trainer, pl_module) -> None:
-        poisoner = trainer.datamodule.poisoner
-        self._target = self.target_label if self.target_label is not None else getattr(poisoner, "target_label", None)
-        if self._target is None:
-            raise ValueError(f"{self.name}: no target_label given and the data module has no poisoner to take it from")
+        self._target = self.target_of(trainer, self.target_label)
         super().on_test_start(trainer, pl_module)
 
     def suspicion(self, texts: list[str], progress_bar=None) -> list[list[float]]:

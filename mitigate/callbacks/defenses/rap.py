@@ -94,9 +94,7 @@ class RAP(Defense):
 
     def _setup(self, trainer) -> None:
         poisoner = trainer.datamodule.poisoner
-        label = self.protect_label if self.protect_label is not None else getattr(poisoner, "target_label", None)
-        if label is None:
-            raise ValueError(f"{self.name}: give protect_label (the data module has no poisoner to take it from)")
+        label = self.target_of(trainer, self.protect_label, "protect_label")
         if self.word.lower() in poisoner_words(poisoner):
             raise ValueError(
                 f"{self.name}: the RAP word {self.word!r} is a trigger of this run's poisoner {poisoner!r}; "
