@@ -40,6 +40,16 @@ def classify_texts(model, tokenizer, texts: Sequence[str], batch_size: int, max_
     return out
 
 
+@torch.no_grad()
+def predict_batch(model, batch: dict, batch_size: int) -> torch.Tensor:
+    """Predicted classes of an already tokenised test batch, ``batch_size`` rows per pass."""
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    return torch.cat([
+        model(input_ids=ids[s : s + batch_size], attention_mask=attn[s : s + batch_size]).logits.argmax(-1)
+        for s in range(0, len(ids), batch_size)
+    ])
+
+
 def special_mask(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
     """True on the tokenizer's special tokens ([CLS], [SEP], <s>, padding...)."""
     specials = torch.tensor(sorted(set(tokenizer.all_special_ids)), device=input_ids.device)

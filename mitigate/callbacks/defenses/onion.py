@@ -7,7 +7,7 @@ import random
 
 import torch
 
-from mitigate.callbacks.defenses.base import Defense, classify_texts, gather_objects, progress, world
+from mitigate.callbacks.defenses.base import Defense, classify_texts, gather_objects, predict_batch, progress, world
 from mitigate.defenses.perplexity import onion_suspicion, remove_words
 from mitigate.metrics import CorrectionMetrics
 from mitigate.models.loading import load_causal_lm
@@ -111,7 +111,7 @@ class ONION(Defense):
         model, tok, max_len = self.model(pl_module), self.tokenizer(trainer), self.max_length(trainer)
         scores = self.suspicion(texts)
         fixed = [remove_words(t, s, self.bar) for t, s in zip(texts, scores)]
-        before = classify_texts(model, tok, texts, self.batch_size, max_len).argmax(-1)
+        before = predict_batch(model, batch, self.batch_size)
         preds = classify_texts(model, tok, fixed, self.batch_size, max_len).argmax(-1).to(pl_module.device)
         poisoned = batch["poisoned"].bool()
         self.metric.update(preds, batch["labels"], poisoned)

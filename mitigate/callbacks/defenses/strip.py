@@ -7,7 +7,7 @@ import random
 
 import torch
 
-from mitigate.callbacks.defenses.base import Defense, classify_texts, gather_cat, percentile_threshold, progress, world
+from mitigate.callbacks.defenses.base import Defense, classify_texts, gather_cat, percentile_threshold, predict_batch, progress, world
 from mitigate.defenses.strip import perturb, strip_entropy
 from mitigate.metrics import DetectionMetrics
 
@@ -49,9 +49,11 @@ class STRIP(Defense):
     def metrics(self, num_classes: int) -> torch.nn.Module:
         return DetectionMetrics()
 
-    def entropies(self, model, tok, max_len: int, texts: list[str], keys: list[str], bar=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(H per text, predicted class per text)."""
-        preds = classify_texts(model, tok, texts, self.batch_size, max_len).argmax(-1)
+    def entropies(self, model, tok, max_len: int, texts: list[str], keys: list[str], preds=None, bar=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(H per text, predicted class per text); ``preds`` when the caller has them already."""
+        if preds is None:
+            preds = classify_texts(model, tok, texts, self.batch_size, max_len).argmax(-1)
+        preds = preds.cpu()
         variants = []
         for text, key, p in zip(texts, keys, preds.tolist()):
             pool = self.pools.get(p) or self.all_words
@@ -75,7 +77,7 @@ class STRIP(Defense):
         with progress(len(mine), f"{self.name}: calibrating", trainer) as bar:
             for s in range(0, len(mine), max(1, self.batch_size // self.copies)):
                 idx = mine[s : s + max(1, self.batch_size // self.copies)]
-                h, _ = self.entropies(model, tok, max_len, [held[i].text for i in idx], [f"dev-{i}" for i in idx], bar)
+                h, _ = self.entropies(model, tok, max_len, [held[i].text for i in idx], [f"dev-{i}" for i in idx], bar=bar)
                 hs.append(h)
         scores = gather_cat(trainer, torch.cat(hs))
         self.threshold = percentile_threshold(scores, self.frr)
@@ -85,7 +87,8 @@ class STRIP(Defense):
     def defend(self, trainer, pl_module, batch, texts) -> None:
         model, tok, max_len = self.model(pl_module), self.tokenizer(trainer), self.max_length(trainer)
         keys = [f"{'test_poisoned' if p else 'test'}-{int(i)}" for p, i in zip(batch["poisoned"], batch["index"])]
-        h, preds = self.entropies(model, tok, max_len, texts, keys)
+        # the batch is tokenised already: its own forward pass gives the predictions
+        h, preds = self.entropies(model, tok, max_len, texts, keys, preds=predict_batch(model, batch, self.batch_size))
         h = h.to(pl_module.device)
         poisoned = batch["poisoned"].bool()
         flagged = h < self.threshold
