@@ -1,10 +1,15 @@
-"""Reliability: a run killed mid-epoch resumes to the same result; DDP metrics equal
-single-process ones. Both run the real `mitigate` command in subprocesses."""
+"""Reliability: a run killed mid-epoch resumes to the same final weights, bit for bit; DDP
+metrics equal single-process ones. Both run the real `mitigate` command in subprocesses."""
 
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
 
 from tests.conftest import REPO
 from tests.test_cli import fit_args
@@ -24,24 +29,65 @@ def results(root):
     return r
 
 
-def test_killed_run_resumes_from_last_checkpoint_to_the_same_result(tmp_path, tiny_bert, sst2_small):
-    # 128 samples / batch 16 = 8 steps an epoch, 2 epochs; checkpoint every 3 steps.
-    common = ["--checkpoint.every_n_train_steps", "3", "--trainer.deterministic", "true"]
-    run_mitigate(fit_args(tiny_bert, sst2_small, tmp_path / "full", *common))
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Every tensor of two exported models is bit-identical."""
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    diff = {k: float((wa[k].double() - wb[k].double()).abs().max()) for k in wa if not torch.equal(wa[k], wb[k])}
+    assert not diff, f"{len(diff)} tensors differ, max |diff| {max(diff.values()):.3g}: {sorted(diff)[:5]}"
 
-    crashed = tmp_path / "crashed"
-    crash = ["--trainer.callbacks+=tests.crash.HardCrash", "--trainer.callbacks.at_step", "13"]
-    proc = run_mitigate(fit_args(tiny_bert, sst2_small, crashed, *common, *crash), check=False)
+
+def crash_and_resume(make_args, root: Path, crash_step: int, common: list[str]) -> None:
+    """Run until a hard kill (os._exit) after optimizer step ``crash_step``, then resume with
+    ``--ckpt_path last``."""
+    crash = ["--trainer.callbacks+=tests.crash.HardCrash", "--trainer.callbacks.at_step", str(crash_step)]
+    proc = run_mitigate(make_args(root, *common, *crash), check=False)
     assert proc.returncode == 137, proc.stderr[-3000:]
-    assert not (crashed / "results.json").exists()
-    # the last checkpoint is from step 12, in the middle of the second epoch
-    import torch
+    assert not (root / "results.json").exists() and not (root / "model").exists()
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["global_step"] == crash_step - crash_step % 3  # every 3 steps
+    run_mitigate(make_args(root, *common, "--ckpt_path", "last"))
 
-    ckpt = torch.load(crashed / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
-    assert ckpt["global_step"] == 12 and ckpt["epoch"] == 1
 
-    run_mitigate(fit_args(tiny_bert, sst2_small, crashed, *common, "--ckpt_path", "last"))
-    assert results(crashed) == results(tmp_path / "full")
+@pytest.mark.parametrize("schedule", ["linear", "constant"])
+def test_killed_run_resumes_mid_epoch_to_bit_identical_weights(tmp_path, tiny_bert, sst2_small, schedule):
+    # 128 samples / batch 16 = 8 steps an epoch, 2 epochs; checkpoint every 3 steps; the kill
+    # after step 13 leaves the checkpoint of step 12, 4 batches into the second epoch
+    common = ["--checkpoint.every_n_train_steps", "3", "--trainer.deterministic", "true",
+              "--model.init_args.schedule", schedule]
+
+    def make_args(root, *extra):
+        return fit_args(tiny_bert, sst2_small, root, *extra)
+
+    run_mitigate(make_args(tmp_path / "full", *common))
+    crash_and_resume(make_args, tmp_path / "crashed", 13, common)
+    assert_same_weights(tmp_path / "full" / "model", tmp_path / "crashed" / "model")
+    assert results(tmp_path / "crashed") == results(tmp_path / "full")
+
+
+@pytest.mark.parametrize(
+    "schedule, crash_step",
+    [("linear", 13), ("constant", 13), ("linear", 5)],
+    ids=["linear-mid-distillation", "constant-mid-distillation", "linear-mid-tsft"],
+)
+def test_killed_mbtsad_run_resumes_to_bit_identical_teacher_and_student(tmp_path, tiny_bert, sst2_small, monkeypatch, schedule, crash_step):
+    from tests.test_mbtsad import mbtsad_args
+
+    monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
+    # 64 clean samples x 2 split copies / batch 16 = 8 steps an epoch: TS-FT epoch 0, distillation epoch 1
+    common = ["--checkpoint.every_n_train_steps", "3", "--trainer.deterministic", "true",
+              "--model.init_args.schedule", schedule, "--model.init_args.tsft_schedule", schedule]
+
+    def make_args(root, *extra):
+        return mbtsad_args(tiny_bert, sst2_small, root, *extra)
+
+    run_mitigate(make_args(tmp_path / "full", *common))
+    crash_and_resume(make_args, tmp_path / "crashed", crash_step, common)
+    for name in ("model", "teacher"):
+        assert_same_weights(tmp_path / "full" / name, tmp_path / "crashed" / name)
+    full = results(tmp_path / "full")
+    assert set(full) >= {"test/cacc", "test/asr", "test/teacher/asr", "test/suspicious/asr"}
+    assert results(tmp_path / "crashed") == full
 
 
 def test_ddp_two_processes_match_one(tmp_path, tiny_bert, sst2_small):
@@ -61,18 +107,19 @@ def test_ddp_two_processes_match_one(tmp_path, tiny_bert, sst2_small):
     assert ddp == single
 
 
-def test_killed_mbtsad_run_resumes_mid_distillation_to_the_same_result(tmp_path, tiny_bert, sst2_small, monkeypatch):
-    from tests.test_mbtsad import mbtsad_args
+@pytest.mark.parametrize("warmup_ratio", [0.0, 0.25])
+def test_linear_decay_matches_transformers_schedule(warmup_ratio):
+    """The lazily sized schedule gives the factors of transformers' linear schedule (whose
+    warm-up is int(ratio * total); 0.25 * 40 is whole, so both agree)."""
+    from transformers import get_linear_schedule_with_warmup
 
-    monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
-    # 64 clean samples x 2 split copies / batch 16 = 8 steps an epoch: TS-FT epoch 0, distillation epoch 1
-    common = ["--checkpoint.every_n_train_steps", "3", "--trainer.deterministic", "true"]
-    run_mitigate(mbtsad_args(tiny_bert, sst2_small, tmp_path / "full", *common))
-    crashed = tmp_path / "crashed"
-    crash = ["--trainer.callbacks+=tests.crash.HardCrash", "--trainer.callbacks.at_step", "13"]
-    proc = run_mitigate(mbtsad_args(tiny_bert, sst2_small, crashed, *common, *crash), check=False)
-    assert proc.returncode == 137, proc.stderr[-3000:]
-    run_mitigate(mbtsad_args(tiny_bert, sst2_small, crashed, *common, "--ckpt_path", "last"))
-    full = results(tmp_path / "full")
-    assert set(full) >= {"test/cacc", "test/asr", "test/teacher/asr", "test/suspicious/asr"}
-    assert results(crashed) == full
+    from mitigate.modules.classifier import linear_schedule, set_schedule_length
+
+    total = 40
+    ours = linear_schedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), warmup_ratio)
+    set_schedule_length(ours, total)
+    ref = get_linear_schedule_with_warmup(
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), int(warmup_ratio * total), total
+    )
+    for step in range(total + 2):
+        assert ours.lr_lambdas[0](step) == ref.lr_lambdas[0](step), step

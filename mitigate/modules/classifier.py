@@ -4,12 +4,12 @@ defender's clean subset, starting from the suspicious checkpoint)."""
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Literal
 
 import lightning.pytorch as pl
 import torch
-from transformers import get_linear_schedule_with_warmup
 
 from mitigate.metrics import BackdoorMetrics
 from mitigate.models.loading import load_classifier
@@ -22,8 +22,46 @@ def seed_step(module: pl.LightningModule) -> None:
     torch.manual_seed((seed * 1_000_003 + module.global_step) * 64 + module.global_rank)
 
 
-def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float = 0.0):
-    return get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * total_steps), max(1, total_steps))
+class LinearDecay:
+    """Learning-rate factor at optimizer step ``step``: linear warm-up over the first
+    ``ceil(warmup_ratio * total)`` steps, then linear decay to 0 at step ``total``.
+
+    ``total`` is set when training starts (``on_train_start``), not in ``configure_optimizers``:
+    reading ``trainer.estimated_stepping_batches`` there sets the train loader up before a
+    checkpoint is restored, and Lightning then never gives the loader its saved position
+    (Lightning issue #20550): a run resumed mid-epoch would train the epoch's first batches
+    twice and never see its last ones. The factor of step 0 does not depend on ``total``
+    (1 without warm-up, 0 with), so the scheduler can be built before ``total`` is known.
+    Plain attributes only: LambdaLR saves them in the checkpoint."""
+
+    def __init__(self, warmup_ratio: float = 0.0) -> None:
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        self.warmup_ratio = warmup_ratio
+        self.total: int | None = None
+
+    def __call__(self, step: int) -> float:
+        if self.total is None:
+            if step > 0:
+                raise RuntimeError("LinearDecay: the schedule's length was never set (set .total in on_train_start)")
+            return 0.0 if self.warmup_ratio > 0 else 1.0
+        total = max(1, self.total)
+        warmup = math.ceil(self.warmup_ratio * total)
+        if step < warmup:
+            return step / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR with ``LinearDecay``; its length is set with ``set_schedule_length``."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LinearDecay(warmup_ratio))
+
+
+def set_schedule_length(scheduler, total_steps: int) -> None:
+    """Give a ``linear_schedule`` its number of steps (no-op for other schedulers)."""
+    for fn in getattr(scheduler, "lr_lambdas", []):
+        if isinstance(fn, LinearDecay):
+            fn.total = int(total_steps)
 
 
 class TextClassifier(pl.LightningModule):
@@ -85,5 +123,10 @@ class TextClassifier(pl.LightningModule):
         opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.schedule == "constant":
             return opt
-        sched = linear_schedule(opt, self.trainer.estimated_stepping_batches, hp.warmup_ratio)
+        sched = linear_schedule(opt, hp.warmup_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        # after the checkpoint is restored: see LinearDecay
+        for config in self.trainer.lr_scheduler_configs:
+            set_schedule_length(config.scheduler, self.trainer.estimated_stepping_batches)

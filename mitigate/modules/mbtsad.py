@@ -15,7 +15,7 @@ from torch import nn
 from mitigate.losses import DistillationLoss
 from mitigate.metrics import BackdoorMetrics
 from mitigate.models.loading import load_classifier
-from mitigate.modules.classifier import linear_schedule, seed_step
+from mitigate.modules.classifier import linear_schedule, seed_step, set_schedule_length
 
 Ablation = Literal["no-att", "no-hid", "ce-only"]
 
@@ -113,24 +113,24 @@ class MBTSAD(pl.LightningModule):
             self.model.train()
         self.suspicious.eval()
 
-    def _steps_per_epoch(self) -> int:
-        return max(1, self.trainer.estimated_stepping_batches // self.trainer.max_epochs)
-
     def configure_optimizers(self):
         hp = self.hparams
-        per_epoch = self._steps_per_epoch()
-        distill_epochs = self.trainer.max_epochs - hp.tsft_epochs
         opt_t = torch.optim.AdamW(self.teacher.parameters(), lr=hp.tsft_lr, weight_decay=hp.weight_decay)
         opt_s = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
 
-        def schedule(opt, kind: str, steps: int):
+        def schedule(opt, kind: str):
             if kind == "constant":
                 return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
-            return linear_schedule(opt, steps, hp.warmup_ratio)
+            return linear_schedule(opt, hp.warmup_ratio)
 
-        sched_t = schedule(opt_t, hp.tsft_schedule, hp.tsft_epochs * per_epoch)
-        sched_s = schedule(opt_s, hp.schedule, distill_epochs * per_epoch)
-        return [opt_t, opt_s], [sched_t, sched_s]
+        return [opt_t, opt_s], [schedule(opt_t, hp.tsft_schedule), schedule(opt_s, hp.schedule)]
+
+    def on_train_start(self) -> None:
+        # the schedules' lengths, once the checkpoint is restored (see classifier.LinearDecay)
+        per_epoch = max(1, self.trainer.estimated_stepping_batches // self.trainer.max_epochs)
+        sched_t, sched_s = self.lr_schedulers()
+        set_schedule_length(sched_t, self.hparams.tsft_epochs * per_epoch)
+        set_schedule_length(sched_s, (self.trainer.max_epochs - self.hparams.tsft_epochs) * per_epoch)
 
     # -- training -------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
