@@ -36,7 +36,12 @@ def test_fit_writes_results_checkpoints_config_and_export(tmp_path, tiny_bert, s
     assert all(0.0 <= results[k] <= 1.0 for k in ("test/cacc", "test/asr"))
     table = (root / "results.md").read_text()
     assert "| model | cacc | asr |" in table and f"| model | {100 * results['test/cacc']:.2f} |" in table
-    assert (root / "checkpoints" / "last.ckpt").is_file()
+    # last.ckpt is the final state (2 epochs of 8 steps), though the step checkpoints (every
+    # 50 steps by default) never fired
+    import torch
+
+    last = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert last["global_step"] == 16 and last["epoch"] == 1
     config = yaml.safe_load(next(root.glob("lightning_logs/version_*/config.yaml")).read_text())
     assert config["data"]["init_args"]["poisoner"]["class_path"] == "mitigate.data.poisoners.BadNet"
     hparams = yaml.safe_load(next(root.glob("lightning_logs/version_*/hparams.yaml")).read_text())
@@ -86,9 +91,12 @@ def test_print_config_round_trips(tmp_path, tiny_bert, sst2_small):
     assert yaml.safe_load(again) == cfg
 
 
-def test_bad_data_path_is_a_clear_error(tmp_path, tiny_bert):
-    with pytest.raises(Exception, match="not a folder"):
+def test_bad_data_path_is_a_clear_error(tmp_path, tiny_bert, capsys):
+    with pytest.raises(SystemExit) as e:
         main(fit_args(tiny_bert, tmp_path / "nowhere", tmp_path / "run"))
+    assert e.value.code == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("mitigate: error: ") and "not a folder" in last
 
 
 def test_wandb_offline_records_cacc_and_asr(tmp_path, tiny_bert, sst2_small, monkeypatch):

@@ -49,14 +49,14 @@ def test_label_out_of_range_in_test(tmp_path):
     write_tsv(tmp_path / "train.tsv", [("a", 0), ("b", 1)])
     write_tsv(tmp_path / "dev.tsv", [("a", 0)])
     write_tsv(tmp_path / "test.tsv", [("a", 0), ("b", 5)])
-    with pytest.raises(DataError, match=r"test\.tsv: example 2: label 5 is outside 0\.\.1"):
+    with pytest.raises(DataError, match=r"test\.tsv:3: label 5 is outside 0\.\.1"):
         _dm(tmp_path).num_classes
 
 
 def test_bad_settings(tmp_path, sst2_small):
     with pytest.raises(ValueError, match="needs a poisoner"):
         BackdoorDataModule(str(sst2_small), poisoner=None, train_set="poisoned")
-    with pytest.raises(ValueError, match="target_label 4 is outside"):
+    with pytest.raises(ValueError, match="target_label 4 is not a class of the data"):
         _dm(sst2_small, poisoner=BadNet(target_label=4)).num_classes
     with pytest.raises(DataError, match="not a folder"):
         _dm(tmp_path / "nowhere").num_classes

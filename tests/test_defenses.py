@@ -132,7 +132,7 @@ def test_ddp_two_processes_give_the_single_process_defense_metrics(defended, tmp
             assert load_results(root)[f"test/{name}/auroc"] == pytest.approx(float(auroc), abs=1e-3)
 
 
-@pytest.mark.parametrize("word, message", [("cf", "is a trigger"), ("watched", "is a trigger"), ("zyxwvut", "one sub-token")])
+@pytest.mark.parametrize("word, message", [("cf", "part of a trigger"), ("watched", "part of a trigger"), ("zyxwvut", "one sub-token")])
 def test_rap_refuses_a_trigger_word_and_multi_token_words(word, message, sst2_small):
     from types import SimpleNamespace
 

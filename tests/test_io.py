@@ -71,3 +71,27 @@ def test_resolve_data_dir_uses_env(tmp_path, monkeypatch):
     monkeypatch.setenv("MITIGATE_DATA_DIR", str(tmp_path))
     assert resolve_data_dir("mydata") == tmp_path / "mydata"
     assert resolve_data_dir("missing") is None
+
+
+def test_text_is_kept_as_written_line_breaks_and_separators_included(tmp_path):
+    """A quoted CSV field may hold line breaks; U+2028, \\x85, \\x0c are characters of the text,
+    not row ends (str.splitlines treats them as line breaks)."""
+    (tmp_path / "a.csv").write_bytes(
+        'sentence,label\n"review\nsecond",1\n"x\r\ny",0\nz\u2028w,1\n"a\x85b",0\nlast,1\n'.encode()
+    )
+    exs = read_examples(tmp_path / "a.csv")
+    assert [(e.text, e.line) for e in exs] == [
+        ("review\nsecond", 2), ("x\r\ny", 4), ("z\u2028w", 6), ("a\x85b", 7), ("last", 8),
+    ]
+    (tmp_path / "b.tsv").write_bytes("sentence\tlabel\na\u2028b\t1\nc\x0cd\t0\r\ne\x1cf\t1\n".encode())
+    assert [(e.text, e.label, e.line) for e in read_examples(tmp_path / "b.tsv")] == [
+        ("a\u2028b", 1, 2), ("c\x0cd", 0, 3), ("e\x1cf", 1, 4),
+    ]
+    (tmp_path / "c.jsonl").write_text(json.dumps({"sentence": "a\u2028b", "label": 1}, ensure_ascii=False) + "\n")
+    assert [(e.text, e.line) for e in read_examples(tmp_path / "c.jsonl")] == [("a\u2028b", 1)]
+
+
+def test_an_unclosed_quote_names_the_line_where_the_row_starts(tmp_path):
+    (tmp_path / "a.csv").write_text('sentence,label\nok,1\n"unclosed,0\n' + "x" * 140_000 + "\n")
+    with pytest.raises(DataError, match=r"a\.csv:3: the row starting here cannot be read.*unclosed quote"):
+        read_examples(tmp_path / "a.csv")

@@ -106,8 +106,10 @@ def test_distillation_only_from_a_given_teacher_and_config_errors(tmp_path, tiny
         MBTSAD(str(tiny_bert), teacher=str(tiny_bert), tsft_epochs=1)
     with pytest.raises(ValueError, match="tsft_epochs must be >= 1"):
         MBTSAD(str(tiny_bert), tsft_epochs=0)
+    monkeypatch.setenv("MITIGATE_DEBUG", "1")  # the error itself, not its one-line report
     with pytest.raises(ValueError, match=r"trainer.max_epochs \(1\) must exceed model.tsft_epochs \(1\)"):
         main(mbtsad_args(tiny_bert, sst2_small, tmp_path / "bad", "--trainer.max_epochs", "1"))
+    monkeypatch.delenv("MITIGATE_DEBUG")
     # a given teacher: every epoch is distillation
     root = tmp_path / "distil"
     main(mbtsad_args(

@@ -93,5 +93,5 @@ def test_prepoisoned_files(tmp_path):
     assert [ex.text for ex in p.poison_eval(clean, "test")] == ["poisoned test"]
     assert p.poison_eval(clean, "dev") == []  # dev file optional
     write_tsv(tmp_path / "test.tsv", [("oops", 0)])
-    with pytest.raises(DataError, match=r"test\.tsv: example 1: poisoned test label 0 is not the target 1"):
+    with pytest.raises(DataError, match=r"test\.tsv:2: poisoned test label 0 is not the target 1"):
         p.poison_eval(clean, "test")

@@ -37,30 +37,35 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert not diff, f"{len(diff)} tensors differ, max |diff| {max(diff.values()):.3g}: {sorted(diff)[:5]}"
 
 
-def crash_and_resume(make_args, root: Path, crash_step: int, common: list[str]) -> None:
-    """Run until a hard kill (os._exit) after optimizer step ``crash_step``, then resume with
-    ``--ckpt_path last``."""
+def crash_and_resume(make_args, root: Path, crash_step: int, common: list[str], saved_step: int) -> None:
+    """Run until a hard kill (os._exit) after optimizer step ``crash_step``, check that the last
+    checkpoint is that of ``saved_step``, then resume with ``--ckpt_path last``."""
     crash = ["--trainer.callbacks+=tests.crash.HardCrash", "--trainer.callbacks.at_step", str(crash_step)]
     proc = run_mitigate(make_args(root, *common, *crash), check=False)
     assert proc.returncode == 137, proc.stderr[-3000:]
     assert not (root / "results.json").exists() and not (root / "model").exists()
     ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
-    assert ckpt["global_step"] == crash_step - crash_step % 3  # every 3 steps
+    assert ckpt["global_step"] == saved_step
     run_mitigate(make_args(root, *common, "--ckpt_path", "last"))
 
 
-@pytest.mark.parametrize("schedule", ["linear", "constant"])
-def test_killed_run_resumes_mid_epoch_to_bit_identical_weights(tmp_path, tiny_bert, sst2_small, schedule):
-    # 128 samples / batch 16 = 8 steps an epoch, 2 epochs; checkpoint every 3 steps; the kill
-    # after step 13 leaves the checkpoint of step 12, 4 batches into the second epoch
-    common = ["--checkpoint.every_n_train_steps", "3", "--trainer.deterministic", "true",
+@pytest.mark.parametrize(
+    "schedule, every, crash_step, saved_step",
+    [("linear", 3, 13, 12), ("constant", 3, 13, 12), ("linear", 5, 9, 8)],
+    ids=["linear-mid-epoch", "constant-mid-epoch", "linear-epoch-end-checkpoint"],
+)
+def test_killed_run_resumes_to_bit_identical_weights(tmp_path, tiny_bert, sst2_small, schedule, every, crash_step, saved_step):
+    # 128 samples / batch 16 = 8 steps an epoch, 2 epochs. Checkpoints every 3 steps: the kill
+    # after step 13 leaves that of step 12, 4 batches into the second epoch. Every 5 steps: the
+    # kill after step 9 leaves the one written at the end of the first epoch (step 8)
+    common = ["--checkpoint.every_n_train_steps", str(every), "--trainer.deterministic", "true",
               "--model.init_args.schedule", schedule]
 
     def make_args(root, *extra):
         return fit_args(tiny_bert, sst2_small, root, *extra)
 
     run_mitigate(make_args(tmp_path / "full", *common))
-    crash_and_resume(make_args, tmp_path / "crashed", 13, common)
+    crash_and_resume(make_args, tmp_path / "crashed", crash_step, common, saved_step)
     assert_same_weights(tmp_path / "full" / "model", tmp_path / "crashed" / "model")
     assert results(tmp_path / "crashed") == results(tmp_path / "full")
 
@@ -82,7 +87,7 @@ def test_killed_mbtsad_run_resumes_to_bit_identical_teacher_and_student(tmp_path
         return mbtsad_args(tiny_bert, sst2_small, root, *extra)
 
     run_mitigate(make_args(tmp_path / "full", *common))
-    crash_and_resume(make_args, tmp_path / "crashed", crash_step, common)
+    crash_and_resume(make_args, tmp_path / "crashed", crash_step, common, crash_step - crash_step % 3)
     for name in ("model", "teacher"):
         assert_same_weights(tmp_path / "full" / name, tmp_path / "crashed" / name)
     full = results(tmp_path / "full")

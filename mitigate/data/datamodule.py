@@ -119,7 +119,7 @@ class BackdoorDataModule(pl.LightningDataModule):
         for s in ("dev", "test"):
             check_labels(splits[s], n, where[s])
         if self.poisoner is not None and not 0 <= self.poisoner.target_label < n:
-            raise ValueError(f"poisoner.target_label {self.poisoner.target_label} is outside 0..{n - 1}")
+            raise ValueError(f"data.poisoner.target_label {self.poisoner.target_label} is not a class of the data (labels 0..{n - 1})")
         self._num_classes = n
         return splits
 

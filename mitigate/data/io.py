@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ class Example:
     poisoned: bool = False
     trigger_spans: tuple[tuple[int, int], ...] = field(default=())
     trigger_words: tuple[int, ...] = field(default=())
+    #: line of the file it was read from (0: not read from a file); for error messages
+    line: int = field(default=0, compare=False)
 
 
 def resolve_data_dir(path: str | os.PathLike) -> Path | None:
@@ -93,7 +96,9 @@ def read_examples(
 
     examples: list[Example] = []
     if file.suffix == ".jsonl":
-        for lineno, line in enumerate(raw.splitlines(), start=1):
+        # lines end at \n only: str.splitlines would also cut at U+2028, \x85, \x0c... that
+        # JSON strings may hold raw
+        for lineno, line in enumerate(raw.split("\n"), start=1):
             if not line.strip():
                 continue
             where = f"{file}:{lineno}"
@@ -104,12 +109,28 @@ def read_examples(
             for col in (text_column, label_column):
                 if col not in row:
                     raise DataError(f"{where}: missing field '{col}' (fields: {', '.join(row)})")
-            examples.append(
-                Example(_check_text(row[text_column], where, text_column), _parse_label(row[label_column], where, label_column))
-            )
+            examples.append(Example(
+                _check_text(row[text_column], where, text_column), _parse_label(row[label_column], where, label_column),
+                line=lineno,
+            ))
     else:
-        delimiter = "\t" if file.suffix == ".tsv" else ","
-        reader = csv.reader(raw.splitlines(), delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+        examples = _read_delimited(file, raw, text_column, label_column)
+    if not examples:
+        raise DataError(f"{file}: no examples")
+    return examples
+
+
+def _read_delimited(file: Path, raw: str, text_column: str, label_column: str) -> list[Example]:
+    """.tsv (tab, no quoting) or .csv (comma, quoted fields may hold commas and line breaks).
+    Rows end at \n or \r\n only, and a field keeps every other character as it is."""
+    delimiter = "\t" if file.suffix == ".tsv" else ","
+    reader = csv.reader(
+        io.StringIO(raw, newline=""), delimiter=delimiter,
+        quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL,
+    )
+    examples: list[Example] = []
+    start = 1  # line where the current row starts (a quoted field may span lines)
+    try:
         try:
             header = [h.strip() for h in next(reader)]
         except StopIteration:
@@ -118,23 +139,29 @@ def read_examples(
             if col not in header:
                 raise DataError(f"{file}:1: missing column '{col}' in header {header}")
         ti, li = header.index(text_column), header.index(label_column)
+        start = reader.line_num + 1
         for row in reader:
-            lineno = reader.line_num
+            where, lineno, start = f"{file}:{start}", start, reader.line_num + 1
             if not row or all(not c.strip() for c in row):
                 continue
-            where = f"{file}:{lineno}"
             if len(row) != len(header):
                 raise DataError(f"{where}: {len(row)} fields, the header has {len(header)}")
-            examples.append(Example(_check_text(row[ti], where, text_column), _parse_label(row[li], where, label_column)))
-    if not examples:
-        raise DataError(f"{file}: no examples")
+            examples.append(Example(
+                _check_text(row[ti], where, text_column), _parse_label(row[li], where, label_column), line=lineno
+            ))
+    except csv.Error as e:
+        hint = " (an unclosed quote makes the rest of the file one field)" if "field larger" in str(e) else ""
+        raise DataError(f"{file}:{start}: the row starting here cannot be read: {e}{hint}") from None
     return examples
 
 
 def check_labels(examples: list[Example], num_classes: int, file: str) -> None:
     for i, ex in enumerate(examples):
         if not 0 <= ex.label < num_classes:
-            raise DataError(f"{file}: example {i + 1}: label {ex.label} is outside 0..{num_classes - 1}")
+            where = f"{file}:{ex.line}" if ex.line else f"{file}: example {i + 1}"
+            raise DataError(
+                f"{where}: label {ex.label} is outside 0..{num_classes - 1} (the classes of the training set)"
+            )
 
 
 def infer_num_classes(train: list[Example], file: str) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -72,32 +73,45 @@ def check_local_weights(folder: Path, allow_pickle: bool) -> None:
         raise UnsafeCheckpointError(
             f"{folder}: has only pickled weights ({', '.join(sorted(names & set(PICKLE_FILES)))}); "
             "unpickling an untrusted file can run arbitrary code. Convert it to safetensors, or pass "
-            "allow_pickle=true (e.g. --model.allow_pickle true) if you trust its source."
+            "--model.init_args.allow_pickle true if you trust its source."
         )
     raise OSError(f"{folder}: no model weights (expected {SAFE_FILES[0]})")
+
+
+def looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id ("org/name" or "name")."""
+    return name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name.count("/") > 1 or Path(name).exists()
 
 
 def _load(loader, name_or_path: str, allow_pickle: bool, **kwargs):
     kwargs = {"trust_remote_code": False, **kwargs}
     local = Path(name_or_path).expanduser()
     if local.is_dir():
-        if loader is not AutoTokenizer:
+        if loader in (AutoModelForSequenceClassification, AutoModelForCausalLM):
             check_local_weights(local, allow_pickle)
         return loader.from_pretrained(str(local), **kwargs)
-    if loader is not AutoTokenizer:
+    if looks_like_path(name_or_path):
+        what = "is a file, not a model folder" if local.exists() else "no such model folder"
+        raise FileNotFoundError(f"{name_or_path}: {what} (expected a folder with config.json and model.safetensors, or a hub id)")
+    if loader in (AutoModelForSequenceClassification, AutoModelForCausalLM):
         kwargs["use_safetensors"] = not allow_pickle
-    if not hub_offline():
-        try:
-            return loader.from_pretrained(name_or_path, **kwargs)
-        except OSError as e:
-            if name_or_path not in OFFLINE_MODELS:
-                raise
-            log.warning("%s: hub not reachable (%s); using the packaged copy", name_or_path, str(e).splitlines()[0])
-    elif name_or_path not in OFFLINE_MODELS:
-        return loader.from_pretrained(name_or_path, **kwargs)  # the HF cache may still have it
-    path = packaged_model_path(name_or_path)
-    log.info("%s: loading the packaged copy from %s", name_or_path, path)
-    return loader.from_pretrained(str(path), **kwargs)
+    if name_or_path in OFFLINE_MODELS:
+        if not hub_offline():
+            try:
+                return loader.from_pretrained(name_or_path, **kwargs)
+            except OSError as e:
+                log.warning("%s: hub not reachable (%s); using the packaged copy", name_or_path, str(e).splitlines()[0])
+        path = packaged_model_path(name_or_path)
+        log.info("%s: loading the packaged copy from %s", name_or_path, path)
+        return loader.from_pretrained(str(path), **kwargs)
+    try:
+        return loader.from_pretrained(name_or_path, **kwargs)  # offline, the HF cache may still have it
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OSError(
+            f"{name_or_path}: not a local folder, and the hub could not provide it "
+            f"({'HF_HUB_OFFLINE=1, not in the local cache' if hub_offline() else first})"
+        ) from e
 
 
 def load_classifier(
@@ -113,10 +127,23 @@ def load_classifier(
     """
     kwargs = {}
     if num_labels is not None:
+        check_num_labels(name_or_path, num_labels)
         kwargs["num_labels"] = num_labels
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     return _load(AutoModelForSequenceClassification, name_or_path, allow_pickle, **kwargs)
+
+
+def check_num_labels(name_or_path: str, num_labels: int) -> None:
+    """A trained classification head must have the data's number of classes (a bare encoder
+    gets a new head of that size)."""
+    config = _load(AutoConfig, name_or_path, allow_pickle=False)
+    trained_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    if trained_head and config.num_labels != num_labels:
+        raise ValueError(
+            f"{name_or_path}: a classifier with {config.num_labels} labels, but the data has {num_labels} classes; "
+            "give a model trained on this task (or a bare encoder, which gets a new head)"
+        )
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:

@@ -154,6 +154,9 @@ class Defense(pl.Callback):
         label = given if given is not None else getattr(trainer.datamodule.poisoner, "target_label", None)
         if label is None:
             raise ValueError(f"{self.name}: give {field} (the data module has no poisoner to take it from)")
+        n = trainer.datamodule.num_classes
+        if not 0 <= label < n:
+            raise ValueError(f"{self.name}: {field} {label} is not a class of the data (labels 0..{n - 1})")
         return label
 
     @staticmethod

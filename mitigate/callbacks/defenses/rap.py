@@ -27,6 +27,12 @@ def poisoner_words(poisoner) -> set[str]:
     return words
 
 
+def trigger_token_ids(tokenizer, words: set[str]) -> set[int]:
+    """Every sub-token id of the trigger words, as the tokenizer sees them at the start of a
+    text and after a space (byte-level BPE tokenizers give the two different ids)."""
+    return {i for w in words for form in (w, " " + w) for i in tokenizer(form, add_special_tokens=False)["input_ids"]}
+
+
 @contextmanager
 def swapped_row(model, row: int, value: torch.Tensor):
     """The input embedding ``row`` set to ``value`` inside the block, restored after."""
@@ -95,14 +101,17 @@ class RAP(Defense):
     def _setup(self, trainer) -> None:
         poisoner = trainer.datamodule.poisoner
         label = self.target_of(trainer, self.protect_label, "protect_label")
-        if self.word.lower() in poisoner_words(poisoner):
-            raise ValueError(
-                f"{self.name}: the RAP word {self.word!r} is a trigger of this run's poisoner {poisoner!r}; "
-                "its embedding carries the backdoor. Choose another rare word (default 'jj')."
-            )
-        ids = self.tokenizer(trainer)(self.word, add_special_tokens=False)["input_ids"]
+        tok = self.tokenizer(trainer)
+        ids = tok(self.word, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
             raise ValueError(f"{self.name}: the RAP word {self.word!r} must be one sub-token; the tokenizer gives {ids}")
+        # compared as token ids: ' cf', 'cf\u200b' or 'çf' are the trigger 'cf' once normalised
+        if ids[0] in trigger_token_ids(tok, poisoner_words(poisoner)):
+            raise ValueError(
+                f"{self.name}: the RAP word {self.word!r} is the token {tok.convert_ids_to_tokens(ids[0])!r}, part of a "
+                f"trigger of this run's poisoner {poisoner!r}; its embedding carries the backdoor. "
+                "Choose another rare word (default 'jj')."
+            )
         self.label, self.word_id = label, ids[0]
 
     def calibrate(self, trainer, pl_module) -> None:
@@ -148,6 +157,12 @@ class RAP(Defense):
                 deltas.append(d.cpu()), preds.append(p.argmax(-1).cpu())
         d, p = gather_cat(trainer, torch.cat(deltas)), gather_cat(trainer, torch.cat(preds))
         kept = d[p == self.label]
+        if not len(kept):
+            raise ValueError(
+                f"{self.name}: the model predicts none of the {len(d)} held-out (dev) samples of the protect label "
+                f"{self.label} as {self.label}, so there is no clean score to set the threshold from; "
+                "check protect_label and the model"
+            )
         self.threshold = percentile_threshold(kept, self.frr)
         self.calib_n = len(kept)
         self.final_loss = losses[-1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 from mitigate.data.io import DataError, Example, find_split_file, read_examples, resolve_data_dir
@@ -38,7 +39,7 @@ class PrePoisoned(Poisoner):
 
     def _read(self, split: str) -> tuple[list[Example], Path]:
         file = find_split_file(Path(self.path), split)
-        return [Example(ex.text, ex.label, poisoned=True) for ex in read_examples(file, *self._columns)], file
+        return [replace(ex, poisoned=True) for ex in read_examples(file, *self._columns)], file
 
     def poison_train(self, train: list[Example]) -> list[Example]:
         poisoned, _ = self._read("train")
@@ -63,5 +64,6 @@ class PrePoisoned(Poisoner):
             raise
         for i, ex in enumerate(poisoned):
             if ex.label != self.target_label:
-                raise DataError(f"{file}: example {i + 1}: poisoned test label {ex.label} is not the target {self.target_label}")
+                where = f"{file}:{ex.line}" if ex.line else f"{file}: example {i + 1}"
+                raise DataError(f"{where}: poisoned test label {ex.label} is not the target {self.target_label}")
         return poisoned
