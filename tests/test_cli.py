@@ -67,9 +67,12 @@ def test_test_subcommand_on_exported_model_reproduces_metrics(tmp_path, tiny_ber
     assert tested["test/cacc"] == fitted["test/cacc"] and tested["test/asr"] == fitted["test/asr"]
 
 
-def test_same_seed_twice_gives_identical_metrics(tmp_path, tiny_bert, sst2_small):
+def test_same_seed_twice_gives_identical_weights_and_metrics(tmp_path, tiny_bert, sst2_small):
+    from tests.test_resume_and_ddp import assert_same_weights
+
     for name in ("a", "b"):
         main(fit_args(tiny_bert, sst2_small, tmp_path / name, "--trainer.max_epochs", "1"))
+    assert_same_weights(tmp_path / "a" / "model", tmp_path / "b" / "model")
     a, b = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("a", "b"))
     a.pop("test/wall_s"), b.pop("test/wall_s")
     assert a == b
