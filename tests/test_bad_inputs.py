@@ -120,7 +120,7 @@ def common_args(p: dict, root, command: str = "fit") -> list[str]:
         "--trainer.enable_model_summary", "false", "--data.init_args.batch_size", "16",
     ]
     if command == "fit":
-        args += ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"]
+        args += ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--export.max_class_share", "null"]
     return args
 
 

@@ -1,5 +1,6 @@
 """MBTSAD end to end on tiny BERT- and RoBERTa-shaped models and a slice of SST-2."""
 
+import copy
 import json
 
 import lightning.pytorch as pl
@@ -31,6 +32,9 @@ def mbtsad_args(model_dir, data_dir, root, *extra):
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
         "--trainer.log_every_n_steps", "1",
+        # tiny random models predict one class: no collapse guard (tested on its own)
+        "--export.max_class_share", "null", "--model.init_args.max_class_share", "null",
+        "--model.init_args.max_cacc_drop", "100",
         *extra,
     ]
 
@@ -81,7 +85,7 @@ def test_teacher_frozen_during_distillation_and_student_untouched_during_tsft(tm
         str(sst2_small), tokenizer=str(tiny_bert), train_set="clean_subset", clean_fraction=0.5, batch_size=16,
         token_split=TokenSplit(copies=2, cache_dir=str(tmp_path)), poisoner=BadNet(target_label=1),
     )
-    module = MBTSAD(str(tiny_bert), tsft_epochs=1, tsft_lr=1e-3, lr=1e-3)
+    module = MBTSAD(str(tiny_bert), tsft_epochs=1, tsft_lr=1e-3, lr=1e-3, max_class_share=None, max_cacc_drop=100)
     original = {k: v.clone() for k, v in module.model.state_dict().items()}
     snap = Snapshot()
     trainer = pl.Trainer(
@@ -118,3 +122,86 @@ def test_distillation_only_from_a_given_teacher_and_config_errors(tmp_path, tiny
     ))
     metrics = next(root.glob("lightning_logs/version_*/metrics.csv")).read_text()
     assert "train/tsft_loss" not in metrics.splitlines()[0]
+
+
+@pytest.fixture
+def spread_bert(tmp_path, tiny_bert, sst2_small):
+    """The tiny BERT with a classifier head that splits the dev set about half and half, with
+    a wide margin (the random tiny model alone predicts one class)."""
+    from mitigate.models import load_tokenizer
+
+    model, tok = load_classifier(str(tiny_bert)).eval(), load_tokenizer(str(tiny_bert))
+    texts = [line.split("\t")[0] for line in (sst2_small / "dev.tsv").read_text().splitlines()[1:]]
+    with torch.no_grad():
+        pooled = model.bert(**tok(texts, padding=True, return_tensors="pt")).pooler_output
+        torch.manual_seed(1)
+        w = torch.randn(pooled.shape[1])
+        scores = pooled @ w
+        w, scores = w * 10 / scores.std(), scores * 10 / scores.std()
+        model.classifier.weight.copy_(torch.stack([torch.zeros_like(w), w]))
+        model.classifier.bias.copy_(torch.tensor([0.0, -float(scores.median())]))
+    model.save_pretrained(tmp_path / "spread")
+    tok.save_pretrained(tmp_path / "spread")
+    return tmp_path / "spread"
+
+
+def guarded_args(model_dir, data_dir, root, *extra):
+    """mbtsad_args with the collapse guards on (share 0.95) and no CACC bound."""
+    args = mbtsad_args(model_dir, data_dir, root, *extra)
+    return [a for a in args] + ["--model.init_args.max_class_share", "0.95", "--export.max_class_share", "0.95"]
+
+
+def test_tsft_rate_is_chosen_on_clean_dev_data(tmp_path, spread_bert, sst2_small, monkeypatch):
+    monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
+    def probe(self, lr):  # stands in for the TS-FT probe: a rate above 1e-3 "collapses" to class 1
+        model = copy.deepcopy(self.suspicious)
+        if lr > 1e-3:
+            with torch.no_grad():
+                model.classifier.bias.copy_(torch.tensor([0.0, 1e4]))
+        return model
+
+    monkeypatch.setattr(MBTSAD, "_probe", probe)
+    root = tmp_path / "run"
+    main(guarded_args(spread_bert, sst2_small, root, "--model.init_args.tsft_lr", "[1e-7, 5e-3, 1e-2]", "--model.init_args.lr", "null"))
+    report = json.loads((root / "results.json").read_text())["report"]
+    choice = report["tsft_lr_choice"]
+    assert choice["candidates"] == [1e-2, 5e-3, 1e-7]
+    assert [(t["lr"], t["accepted"]) for t in choice["tried"]] == [(1e-2, False), (5e-3, False), (1e-7, True)]
+    assert choice["tried"][0]["shares"] == [0.0, 1.0]
+    assert choice["chosen"] == 1e-7 and report["learning_rates"] == {"tsft": 1e-7, "distillation": 1e-7}
+    assert max(report["suspicious_dev"]["shares"]) < 0.95
+    assert {"teacher_dev", "student_dev"} <= set(report)
+    md = (root / "results.md").read_text()
+    assert "tsft_lr_choice" in md and "suspicious_dev" in md
+
+
+class CollapseTeacher(pl.Callback):
+    """Forces the teacher to one class when TS-FT ends (before the module's own end-of-epoch check)."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == pl_module.hparams.tsft_epochs - 1:
+            with torch.no_grad():
+                pl_module.teacher.classifier.bias.copy_(torch.tensor([1e4, 0.0]))
+
+
+def test_collapse_guard_stops_mbtsad_and_exports_nothing(tmp_path, spread_bert, sst2_small, monkeypatch, capsys):
+    monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(guarded_args(spread_bert, sst2_small, root, "--trainer.callbacks+=tests.test_mbtsad.CollapseTeacher"))
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 1 and "collapse guard: the TS-FT teacher is not a usable cleaning" in last
+    assert "predicts class 0 for 100.0%" in last
+    assert not (root / "model").exists() and not (root / "teacher").exists() and not (root / "results.json").exists()
+
+
+def test_export_guard_refuses_a_collapsed_model(tmp_path, tiny_bert, sst2_small, capsys):
+    from tests.test_cli import fit_args
+
+    root = tmp_path / "run"
+    args = fit_args(tiny_bert, sst2_small, root, "--trainer.max_epochs", "1") + ["--export.max_class_share", "0.95"]
+    with pytest.raises(SystemExit) as e:
+        main(args)  # the tiny random BERT predicts one class
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 1 and "collapse guard: the trained model is not exported" in last
+    assert not (root / "model").exists()

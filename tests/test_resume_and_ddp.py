@@ -24,9 +24,14 @@ def run_mitigate(args, check=True):
 
 
 def results(root):
-    r = json.loads((root / "results.json").read_text())
-    r.pop("test/wall_s")
-    return r
+    """results.json without its timings (wall_s, seconds)."""
+
+    def drop_timings(x):
+        if isinstance(x, dict):
+            return {k: drop_timings(v) for k, v in x.items() if k not in ("test/wall_s", "seconds")}
+        return [drop_timings(v) for v in x] if isinstance(x, list) else x
+
+    return drop_timings(json.loads((root / "results.json").read_text()))
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -70,18 +75,24 @@ def test_killed_run_resumes_to_bit_identical_weights(tmp_path, tiny_bert, sst2_s
     assert results(tmp_path / "crashed") == results(tmp_path / "full")
 
 
+# the trigger scan and the TS-FT rate chosen by probes: a resumed run reuses the choices saved
+# in its checkpoint
+CHOOSE = ["--model.init_args.scan", "mitigate.trigger_scan.TriggerScan", "--model.init_args.scan.top_k", "4",
+          "--model.init_args.tsft_lr", "[1e-3, 1e-4]"]
+
+
 @pytest.mark.parametrize(
-    "schedule, crash_step",
-    [("linear", 13), ("constant", 13), ("linear", 5)],
-    ids=["linear-mid-distillation", "constant-mid-distillation", "linear-mid-tsft"],
+    "schedule, crash_step, extra",
+    [("linear", 13, []), ("constant", 13, []), ("linear", 5, []), ("linear", 13, CHOOSE)],
+    ids=["linear-mid-distillation", "constant-mid-distillation", "linear-mid-tsft", "scan-and-rate-choice"],
 )
-def test_killed_mbtsad_run_resumes_to_bit_identical_teacher_and_student(tmp_path, tiny_bert, sst2_small, monkeypatch, schedule, crash_step):
+def test_killed_mbtsad_run_resumes_to_bit_identical_teacher_and_student(tmp_path, tiny_bert, sst2_small, monkeypatch, schedule, crash_step, extra):
     from tests.test_mbtsad import mbtsad_args
 
     monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
     # 64 clean samples x 2 split copies / batch 16 = 8 steps an epoch: TS-FT epoch 0, distillation epoch 1
     common = ["--checkpoint.every_n_train_steps", "3", "--trainer.deterministic", "true",
-              "--model.init_args.schedule", schedule, "--model.init_args.tsft_schedule", schedule]
+              "--model.init_args.schedule", schedule, "--model.init_args.tsft_schedule", schedule, *extra]
 
     def make_args(root, *extra):
         return mbtsad_args(tiny_bert, sst2_small, root, *extra)
@@ -93,6 +104,8 @@ def test_killed_mbtsad_run_resumes_to_bit_identical_teacher_and_student(tmp_path
     full = results(tmp_path / "full")
     assert set(full) >= {"test/cacc", "test/asr", "test/teacher/asr", "test/suspicious/asr"}
     assert results(tmp_path / "crashed") == full
+    if extra:  # the choices were made once, and the resumed run reports them as they were
+        assert full["report"]["trigger_scan"]["verified"] and full["report"]["tsft_lr_choice"]["chosen"] == 1e-3
 
 
 def test_ddp_two_processes_match_one(tmp_path, tiny_bert, sst2_small):

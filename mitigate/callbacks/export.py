@@ -1,4 +1,5 @@
-"""Exporting the trained model as a Hugging Face checkpoint (safetensors + tokenizer)."""
+"""Exporting the trained model as a Hugging Face checkpoint (safetensors + tokenizer), once the
+collapse guard has checked it on the clean held-out data."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import logging
 from pathlib import Path
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_only
 from transformers import PreTrainedModel
+
+from mitigate.guard import CollapseError, clean_report, collapse_reason
 
 log = logging.getLogger(__name__)
 
@@ -16,18 +18,34 @@ class ExportPretrained(pl.Callback):
     """At the end of ``fit``, ``save_pretrained`` the module's ``model`` and the data module's
     tokenizer into ``dirpath`` (default ``<default_root_dir>/model``): a folder that
     ``from_pretrained`` (and ``mitigate``) load like any downloaded checkpoint. A module with a
-    ``teacher`` (MBTSAD) has it exported beside, into ``teacher/``."""
+    ``teacher`` (MBTSAD) has it exported beside, into ``teacher/``.
 
-    def __init__(self, dirpath: str | None = None) -> None:
+    The collapse guard comes first: a model that predicts one class for at least
+    ``max_class_share`` of the clean held-out (dev) samples is not exported, and the run ends
+    with an error that says so (``max_class_share: null`` turns the guard off)."""
+
+    def __init__(self, dirpath: str | None = None, max_class_share: float | None = 0.95) -> None:
         self.dirpath = dirpath
+        self.max_class_share = max_class_share
 
-    @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         out = Path(self.dirpath or Path(trainer.default_root_dir) / "model")
         models = {out: pl_module.model}
         if isinstance(getattr(pl_module, "teacher", None), PreTrainedModel):
             models[out.with_name("teacher")] = pl_module.teacher
-        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        dm = trainer.datamodule
+        if self.max_class_share is not None and dm is not None and len(dm.dataset("dev")):
+            for folder, model in models.items():  # every rank checks (same data, same answer)
+                report = clean_report(model, dm.dataset("dev"), dm.tokenizer.pad_token_id)
+                reason = collapse_reason(report, self.max_class_share)
+                if reason:
+                    raise CollapseError(
+                        f"collapse guard: the trained {folder.name} is not exported: {reason} "
+                        f"(dev CACC {report['cacc']:.2f}); lower the learning rate or check the data"
+                    )
+        if not trainer.is_global_zero:
+            return
+        tokenizer = getattr(dm, "tokenizer", None)
         for folder, model in models.items():
             model.save_pretrained(folder)  # safetensors
             if tokenizer is not None:

@@ -38,14 +38,39 @@ def _show(metric: str, v: float) -> str:
 
 
 def write_results(
-    results: dict[str, float], dirpath: str | Path, title: str = "Results", row_names: dict[str, str] | None = None
+    results: dict[str, float], dirpath: str | Path, title: str = "Results", row_names: dict[str, str] | None = None,
+    report: dict | None = None,
 ) -> None:
-    """Write ``results.json`` (flat) and ``results.md`` (a model x metric table, rates in %)."""
+    """Write ``results.json`` (the metrics, flat; the run's choices under ``report``) and
+    ``results.md`` (a model x metric table, rates in %, then the choices)."""
     d = Path(dirpath)
     d.mkdir(parents=True, exist_ok=True)
-    (d / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    payload = {**results, "report": report} if report else results
+    (d / "results.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     lines = [f"# {title}", "", *results_table(results, row_names), "", "Rates (CACC, ASR, ...) in %."]
+    if report:
+        lines += ["", *report_sections(report)]
     (d / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def report_sections(report: dict) -> list[str]:
+    """Markdown for the choices a run made on clean data (see MBTSAD.report)."""
+    lines: list[str] = []
+    scan = report.get("trigger_scan")
+    if scan:
+        lines += ["## Trigger scan (clean dev data only)", "",
+                  f"Suspect tokens: {', '.join(scan['suspects']) or 'none'} ({scan['seconds']} s). "
+                  f"Settings: {scan['settings']}.", "",
+                  "| token | flips to | flip rate | carrier p | clean texts with it | share with that label | suspect |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in sorted(scan["verified"], key=lambda r: -r["flip_rate"]):
+            lines.append(f"| {r['token']} | {r['label']} | {100 * r['flip_rate']:.1f} | {r['carrier_score']:.3f} | "
+                         f"{r['clean_count']} | {100 * r['clean_share']:.0f} | {'yes' if r['suspect'] else ''} |")
+        lines.append("")
+    for key, value in report.items():
+        if key != "trigger_scan":
+            lines += [f"## {key}", "", "```", json.dumps(value, indent=2), "```", ""]
+    return lines
 
 
 def _is_rate(key: str) -> bool:
@@ -68,5 +93,5 @@ class ResultsWriter(pl.Callback):
         results["test/wall_s"] = round(time.perf_counter() - self._start, 2)
         write_results(
             results, self.dirpath or trainer.default_root_dir, title=type(pl_module).__name__,
-            row_names=getattr(pl_module, "report_rows", None),
+            row_names=getattr(pl_module, "report_rows", None), report=getattr(pl_module, "report", None),
         )

@@ -5,6 +5,9 @@ The data module supplies the token-split clean data (``data.token_split``) for b
 from __future__ import annotations
 
 import copy
+import logging
+import math
+import time
 from collections.abc import Sequence
 from typing import Literal
 
@@ -12,10 +15,14 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from mitigate.guard import CollapseError, clean_report, collapse_reason
 from mitigate.losses import DistillationLoss
 from mitigate.metrics import BackdoorMetrics
 from mitigate.models.loading import load_classifier
 from mitigate.modules.classifier import linear_schedule, seed_step, set_schedule_length
+from mitigate.trigger_scan import TriggerScan
+
+log = logging.getLogger(__name__)
 
 Ablation = Literal["no-att", "no-hid", "ce-only"]
 
@@ -51,9 +58,9 @@ class MBTSAD(pl.LightningModule):
         num_labels: int = 2,
         teacher: str | None = None,
         tsft_epochs: int = 3,
-        tsft_lr: float = 1e-4,
+        tsft_lr: float | list[float] = 1e-4,
         tsft_schedule: Literal["constant", "linear"] = "linear",
-        lr: float = 2e-5,
+        lr: float | None = 2e-5,
         alpha: float = 1.0,
         beta: float = 1.0,
         p: float = 2.0,
@@ -63,14 +70,27 @@ class MBTSAD(pl.LightningModule):
         weight_decay: float = 0.0,
         schedule: Literal["constant", "linear"] = "linear",
         warmup_ratio: float = 0.0,
+        scan: TriggerScan | None = None,
+        max_cacc_drop: float = 5.0,
+        max_class_share: float | None = 0.95,
+        probe_fraction: float = 0.25,
         allow_pickle: bool = False,
     ) -> None:
         super().__init__()
+        rates = tsft_lr if isinstance(tsft_lr, (list, tuple)) else [tsft_lr]
+        if not rates or any(r <= 0 for r in rates) or (lr is not None and lr <= 0):
+            raise ValueError(f"model.tsft_lr and model.lr must be positive (tsft_lr may list candidates), got {tsft_lr}, {lr}")
+        if not 0.0 < probe_fraction <= 1.0:
+            raise ValueError(f"model.probe_fraction must be in (0, 1], got {probe_fraction}")
         if teacher is not None and tsft_epochs != 0:
             raise ValueError("model.teacher is an already trained teacher: set model.tsft_epochs to 0")
         if teacher is None and tsft_epochs < 1:
             raise ValueError("model.tsft_epochs must be >= 1 (or give a trained model.teacher)")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["scan"])
+        self.scan = scan
+        #: what the run chose from clean data (trigger scan, ...): plain values, kept in the
+        #: checkpoints (a resumed run does not choose again) and written to results.json / .md
+        self.report: dict = {}
         self.automatic_optimization = False  # two optimizers, one per step of the method
 
         def load(src: str) -> nn.Module:
@@ -103,6 +123,125 @@ class MBTSAD(pl.LightningModule):
                 f"trainer.max_epochs ({max_epochs}) must exceed model.tsft_epochs ({self.hparams.tsft_epochs}): "
                 "the epochs after TS-FT are the distillation"
             )
+        if "suspicious_dev" in self.report:  # resumed: the choices are in the checkpoint
+            return
+        dm = self.trainer.datamodule
+        self.report["suspicious_dev"] = clean_report(self.suspicious, dm.dataset("dev"), dm.tokenizer.pad_token_id)
+        if self.scan is not None:
+            self._scan_for_triggers()
+        rates = self.hparams.tsft_lr
+        if isinstance(rates, (list, tuple)) and self.hparams.tsft_epochs > 0:
+            self._choose_tsft_lr(sorted(rates, reverse=True))
+        self._set_learning_rates()
+
+    # -- choices made on clean data --------------------------------------------------------
+    @property
+    def min_cacc(self) -> float:
+        """The clean-dev accuracy bound of every phase: the suspicious model's minus max_cacc_drop."""
+        return self.report["suspicious_dev"]["cacc"] - self.hparams.max_cacc_drop
+
+    def _guard(self, name: str, model: nn.Module) -> dict:
+        """Clean-dev report of ``model``; a CollapseError if it collapsed or fell below the bound."""
+        dm = self.trainer.datamodule
+        report = clean_report(model, dm.dataset("dev"), dm.tokenizer.pad_token_id)
+        reason = collapse_reason(report, self.hparams.max_class_share, self.min_cacc)
+        if reason:
+            raise CollapseError(
+                f"collapse guard: {name} is not a usable cleaning: {reason} (suspicious model: dev CACC "
+                f"{self.report['suspicious_dev']['cacc']:.2f}); nothing is exported. Lower model.tsft_lr / model.lr "
+                f"(or give tsft_lr candidates to choose from)"
+            )
+        return report
+
+    def _choose_tsft_lr(self, candidates: list[float]) -> None:
+        """The largest TS-FT rate whose short probe (``probe_fraction`` of a TS-FT epoch from the
+        suspicious model, on the same training data) keeps the clean-dev accuracy within
+        ``max_cacc_drop`` of the suspicious model's and predicts no class for more than
+        ``max_class_share`` of dev."""
+        dm = self.trainer.datamodule
+        tried = []
+        for lr in candidates:
+            start = time.perf_counter()
+            probe = self._probe(lr)
+            report = clean_report(probe, dm.dataset("dev"), dm.tokenizer.pad_token_id)
+            reason = collapse_reason(report, self.hparams.max_class_share, self.min_cacc)
+            tried.append({"lr": lr, **report, "accepted": reason is None, "seconds": round(time.perf_counter() - start, 1)})
+            log.info("TS-FT rate %g: dev CACC %.2f, class shares %s -> %s", lr, report["cacc"], report["shares"], reason or "accepted")
+            del probe
+            if reason is None:
+                break
+        self.report["tsft_lr_choice"] = {"candidates": candidates, "tried": tried, "min_cacc": self.min_cacc}
+        chosen = next((t["lr"] for t in tried if t["accepted"]), None)
+        if chosen is None:
+            raise CollapseError(
+                f"no TS-FT rate among {candidates} keeps the clean dev accuracy above {self.min_cacc:.2f} "
+                f"without collapsing (probes: {[(t['lr'], t['cacc']) for t in tried]}); give lower model.tsft_lr candidates"
+            )
+        self.report["tsft_lr_choice"]["chosen"] = chosen
+
+    def _probe(self, lr: float) -> nn.Module:
+        """A copy of the suspicious model after TS-FT steps at ``lr``."""
+        hp, dm = self.hparams, self.trainer.datamodule
+        model = copy.deepcopy(self.suspicious).train().requires_grad_(True)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=hp.weight_decay)
+        loader = dm.train_dataloader()
+        steps = max(1, math.ceil(hp.probe_fraction * len(loader)))
+        for step, batch in zip(range(steps), loader):
+            torch.manual_seed(self.trainer.max_epochs * 1_000_003 + step)  # dropout, as seed_step does
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            if self.scan is not None:
+                batch = self.scan.unlearning_batch(batch, self._suspect_ids(), step, dm.tokenizer.pad_token_id)
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return model.eval()
+
+    @property
+    def chosen_tsft_lr(self) -> float:
+        rates = self.hparams.tsft_lr
+        if isinstance(rates, (list, tuple)):
+            return self.report.get("tsft_lr_choice", {}).get("chosen", max(rates))
+        return rates
+
+    def _set_learning_rates(self) -> None:
+        """The optimizers' rates once chosen (the distillation's is the TS-FT one when lr is None)."""
+        tsft = self.chosen_tsft_lr
+        distill = self.hparams.lr if self.hparams.lr is not None else tsft
+        for opt, sched, lr in zip(self.optimizers(), self.lr_schedulers(), (tsft, distill)):
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] = lr
+            sched.base_lrs = [lr] * len(opt.param_groups)
+            sched._last_lr = [lr] * len(opt.param_groups)
+        self.report["learning_rates"] = {"tsft": tsft, "distillation": distill}
+
+    def on_train_epoch_end(self) -> None:
+        if self.current_epoch == self.hparams.tsft_epochs - 1:
+            self.report["teacher_dev"] = self._guard("the TS-FT teacher", self.teacher)
+
+    def on_train_end(self) -> None:
+        self.report["student_dev"] = self._guard("the MBTSAD student", self.model)
+
+    def _scan_for_triggers(self) -> None:
+        dm = self.trainer.datamodule
+        start = time.perf_counter()
+        suspects, rows = self.scan(self.suspicious, dm.tokenizer, dm.examples("dev"), dm.examples("dev") + dm.clean_subset)
+        self.report["trigger_scan"] = {
+            "settings": self.scan.settings(), "suspects": [s.token for s in suspects],
+            "suspect_ids": [s.token_id for s in suspects], "verified": rows,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        log.info("trigger scan: %d suspect tokens %s (%.0f s)", len(suspects), [s.token for s in suspects],
+                 self.report["trigger_scan"]["seconds"])
+
+    def _suspect_ids(self) -> torch.Tensor:
+        return torch.tensor(self.report.get("trigger_scan", {}).get("suspect_ids", []), dtype=torch.long)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["mitigate_report"] = self.report
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.report = checkpoint.get("mitigate_report", {})
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         seed_step(self)
@@ -115,8 +254,9 @@ class MBTSAD(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt_t = torch.optim.AdamW(self.teacher.parameters(), lr=hp.tsft_lr, weight_decay=hp.weight_decay)
-        opt_s = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        # the rates are set in on_fit_start, once chosen (see _set_learning_rates)
+        opt_t = torch.optim.AdamW(self.teacher.parameters(), lr=self.chosen_tsft_lr, weight_decay=hp.weight_decay)
+        opt_s = torch.optim.AdamW(self.model.parameters(), lr=hp.lr or self.chosen_tsft_lr, weight_decay=hp.weight_decay)
 
         def schedule(opt, kind: str):
             if kind == "constant":
@@ -135,6 +275,8 @@ class MBTSAD(pl.LightningModule):
     # -- training -------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         (opt_t, opt_s), (sched_t, sched_s) = self.optimizers(), self.lr_schedulers()
+        if self.scan is not None:
+            batch = self.scan.unlearning_batch(batch, self._suspect_ids(), self.global_step, self.trainer.datamodule.tokenizer.pad_token_id)
         n = len(batch["labels"])
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         if self.in_tsft:
