@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from mitigate import errors
 from mitigate.callbacks import ExportPretrained, PredictionWriter, ResultsWriter
 from mitigate.callbacks.checkpoint import RunCheckpoint
+from mitigate.callbacks.progress import ProgressLog
 from mitigate.run_folder import claim_run_folder
 
 log = logging.getLogger("mitigate")
@@ -90,6 +91,7 @@ class MitigateCLI(LightningCLI):
         parser.link_arguments("trainer.default_root_dir", "results.dirpath", compute_fn=_under(""))
         parser.add_lightning_class_args(ExportPretrained, "export")
         parser.link_arguments("trainer.default_root_dir", "export.dirpath", compute_fn=_under("model"))
+        parser.add_lightning_class_args(ProgressLog, "progress_log")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.link_arguments("trainer.default_root_dir", "predictions.dirpath", compute_fn=_under(""))
         parser.link_arguments("model.init_args.model", "data.init_args.tokenizer")

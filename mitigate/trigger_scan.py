@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from mitigate.callbacks.progress import LogProgress
+
 log = logging.getLogger(__name__)
 
 
@@ -74,9 +76,11 @@ def carrier_scores(model, carriers: Sequence[Sequence[int]], candidates: torch.T
     token), for every candidate id. Carriers are token id lists with special tokens."""
     device = next(model.parameters()).device
     scores = torch.full((len(candidates),), float("inf"))
+    bar = LogProgress(len(carriers) * len(candidates), f"trigger scan, class {label}: carrier pass")
     for carrier in carriers:
         carrier_t = torch.tensor(carrier)
         for s in range(0, len(candidates), batch_size):
+            bar.update(len(candidates[s : s + batch_size]))
             cand = candidates[s : s + batch_size]
             seq = carrier_t.repeat(len(cand), 1)
             seq = torch.cat([seq[:, :1], cand[:, None], seq[:, 1:]], 1).to(device)
@@ -151,7 +155,9 @@ def scan_vocabulary(
             verify = [texts[i] for i in rng.sample(others, min(verify_samples, len(others)))]
             top_ids = [int(candidates[j]) for j in top.indices]
             support = label_support(tokenizer, support_texts, support_labels, top_ids)
+            bar = LogProgress(len(top_ids), f"trigger scan, class {c}: verifying")
             for tid, cs in zip(top_ids, top.values.tolist()):
+                bar.update()
                 word = tokenizer.decode([tid]).strip()
                 rate = flip_rate(model, tokenizer, verify, word, c, seed=seed, batch_size=batch_size)
                 count, ys = support[tid]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import logging
 import random
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,8 +13,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
+from mitigate.callbacks.progress import LogProgress
 from mitigate.data.io import Example
 
 log = logging.getLogger(__name__)
@@ -84,10 +83,9 @@ def percentile_threshold(scores: torch.Tensor, percent: float) -> float:
     return float(torch.quantile(scores.double(), percent / 100.0))
 
 
-def progress(total: int, desc: str, trainer: pl.Trainer | None = None):
-    """A progress bar on rank 0 when stderr is a terminal."""
-    quiet = not sys.stderr.isatty() or (trainer is not None and not trainer.is_global_zero)
-    return tqdm(total=total, desc=desc, leave=False, disable=quiet)
+def progress(total: int, desc: str, trainer: pl.Trainer | None = None) -> LogProgress:
+    """On rank 0: a progress bar in a terminal, log lines elsewhere."""
+    return LogProgress(total, desc, enabled=trainer is None or trainer.is_global_zero)
 
 
 class Defense(pl.Callback):
