@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 from transformers import PreTrainedModel
 
 from mitigate.guard import CollapseError, clean_report, collapse_reason
+from mitigate.model_card import describe, write_model_card
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +19,8 @@ class ExportPretrained(pl.Callback):
     """At the end of ``fit``, ``save_pretrained`` the module's ``model`` and the data module's
     tokenizer into ``dirpath`` (default ``<default_root_dir>/model``): a folder that
     ``from_pretrained`` (and ``mitigate``) load like any downloaded checkpoint. A module with a
-    ``teacher`` (MBTSAD) has it exported beside, into ``teacher/``.
+    ``teacher`` (MBTSAD) has it exported beside, into ``teacher/``. Each folder gets a model card
+    (README.md: what was done, settings, clean data, results once tested, what was not measured).
 
     The collapse guard comes first: a model that predicts one class for at least
     ``max_class_share`` of the clean held-out (dev) samples is not exported, and the run ends
@@ -46,8 +48,21 @@ class ExportPretrained(pl.Callback):
         if not trainer.is_global_zero:
             return
         tokenizer = getattr(dm, "tokenizer", None)
+        info = describe(pl_module, dm)
+        self._cards = {}
         for folder, model in models.items():
             model.save_pretrained(folder)  # safetensors
             if tokenizer is not None:
                 tokenizer.save_pretrained(folder)
+            card = info if folder == out else {**info, "title": f"{info['title']}: the TS-FT teacher (an intermediate model)"}
+            self._cards[folder] = card
+            write_model_card(folder, card)
             log.info("exported %s to %s", type(model).__name__, folder)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The test after fit: the model cards get the results table."""
+        if not trainer.is_global_zero or not getattr(self, "_cards", None):
+            return
+        results = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        for folder, card in self._cards.items():
+            write_model_card(folder, card, results, getattr(pl_module, "report_rows", None))

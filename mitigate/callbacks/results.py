@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
+
+from mitigate import plots
 
 
 def results_table(results: dict[str, float], row_names: dict[str, str] | None = None) -> list[str]:
@@ -40,6 +43,7 @@ def _show(metric: str, v: float) -> str:
 def write_results(
     results: dict[str, float], dirpath: str | Path, title: str = "Results", row_names: dict[str, str] | None = None,
     report: dict | None = None,
+    figures: Sequence[str] = (),
 ) -> None:
     """Write ``results.json`` (the metrics, flat; the run's choices under ``report``) and
     ``results.md`` (a model x metric table, rates in %, then the choices)."""
@@ -48,6 +52,8 @@ def write_results(
     payload = {**results, "report": report} if report else results
     (d / "results.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     lines = [f"# {title}", "", *results_table(results, row_names), "", "Rates (CACC, ASR, ...) in %."]
+    if figures:
+        lines += ["", "## Figures", "", *[f"![{Path(f).stem}]({f})" for f in figures]]
     if report:
         lines += ["", *report_sections(report)]
     (d / "results.md").write_text("\n".join(lines) + "\n")
@@ -77,8 +83,35 @@ def _is_rate(key: str) -> bool:
     return key.rsplit("/", 1)[-1] in {"cacc", "asr", "frr", "far", "acc", "auroc", "precision"}
 
 
+def figures(results: dict[str, float], dirpath: Path, trainer: pl.Trainer | None, row_names: dict[str, str] | None) -> list[Path]:
+    """The run's figures: CACC / ASR per model or correction defense (before / after), validation
+    curves of a fit, and the detection defenses' histograms (written by the defenses)."""
+    out = []
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in results.items():
+        parts = key.split("/")
+        name, metric = ("/".join(parts[1:-1]), parts[-1]) if len(parts) > 2 else ("", parts[-1])
+        rows.setdefault(name, {})[metric] = value
+    names = dict(row_names or {})
+    order = [n for n in names if n in rows] + sorted(n for n in rows if n not in names)
+    bars = {names.get(n, n or "model"): (100 * rows[n]["cacc"] if "cacc" in rows[n] else None,
+                                         100 * rows[n]["asr"] if "asr" in rows[n] else None)
+            for n in order if "cacc" in rows[n] or "asr" in rows[n]}
+    if bars:
+        out.append(plots.cacc_asr_bars(bars, dirpath / "cacc_asr.png", "CACC and ASR on the test sets"))
+    logger = getattr(trainer, "logger", None) if trainer is not None else None
+    log_dir = getattr(logger, "log_dir", None)
+    if log_dir and (Path(log_dir) / "metrics.csv").is_file():
+        curve = plots.validation_curves(Path(log_dir) / "metrics.csv", dirpath / "validation.png", "Validation during training")
+        if curve:
+            out.append(curve)
+    out += sorted(dirpath.glob("defense_*.png"))
+    return out
+
+
 class ResultsWriter(pl.Callback):
-    """After ``test``, writes every ``test/*`` metric to ``dirpath/results.json`` and ``results.md``."""
+    """After ``test``, writes every ``test/*`` metric to ``dirpath/results.json`` and ``results.md``,
+    with the run's figures (PNG, linked from results.md; logged to W&B as images when W&B is on)."""
 
     def __init__(self, dirpath: str | None = None) -> None:
         self.dirpath = dirpath
@@ -90,8 +123,15 @@ class ResultsWriter(pl.Callback):
     @rank_zero_only
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         results = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-        results["test/wall_s"] = round(time.perf_counter() - self._start, 2)
+        wall = round(time.perf_counter() - self._start, 2)
+        dirpath = Path(self.dirpath or trainer.default_root_dir)
+        dirpath.mkdir(parents=True, exist_ok=True)
+        row_names = getattr(pl_module, "report_rows", None)
+        pngs = figures(results, dirpath, trainer, row_names)
         write_results(
-            results, self.dirpath or trainer.default_root_dir, title=type(pl_module).__name__,
-            row_names=getattr(pl_module, "report_rows", None), report=getattr(pl_module, "report", None),
+            {**results, "test/wall_s": wall}, dirpath, title=type(pl_module).__name__,
+            row_names=row_names, report=getattr(pl_module, "report", None), figures=[p.name for p in pngs],
         )
+        for lg in trainer.loggers:
+            if type(lg).__name__ == "WandbLogger" and pngs:
+                lg.log_image(key="figures", images=[str(p) for p in pngs], caption=[p.stem for p in pngs])

@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 
+from mitigate import plots
 from mitigate.callbacks.progress import LogProgress
 from mitigate.data.io import Example
 
@@ -108,6 +109,9 @@ class Defense(pl.Callback):
         seed: seed of that subset and of any randomness of the defense.
         write_csv: write the per-sample CSV.
     """
+
+    #: (CSV column, axis label) of a detection score to plot with ``self.threshold``; None: no plot
+    score_column: tuple[str, str] | None = None
 
     def __init__(self, name: str, batch_size: int = 64, max_samples: int | None = None, seed: int = 42, write_csv: bool = True) -> None:
         self.name = name
@@ -222,4 +226,12 @@ class Defense(pl.Callback):
                 w.writeheader()
                 w.writerows(rows)
             log.info("%s: %d per-sample rows in %s", self.name, len(rows), out)
+        if trainer.is_global_zero and rows and self.score_column is not None:
+            scored = [r for r in rows if int(r.get("checked", 1))]
+            column, label = self.score_column
+            plots.score_histogram(
+                [float(r[column]) for r in scored if not r["poisoned"]], [float(r[column]) for r in scored if r["poisoned"]],
+                self.threshold, Path(trainer.default_root_dir) / f"defense_{self.name}.png",
+                f"{self.name}: test samples, flagged below the threshold", label,
+            )
         self.metric.reset()

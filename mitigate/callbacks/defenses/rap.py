@@ -68,6 +68,8 @@ class RAP(Defense):
         keep_norm: keep the row at its original norm after each step (reference implementations).
     """
 
+    score_column = ("delta", "Δ = p(y_T | x) − p(y_T | RAP word + x)")
+
     def __init__(
         self,
         word: str = "jj",

@@ -26,6 +26,8 @@ class STRIP(Defense):
     sequences at a time. Perturbations are seeded per (seed, set, sample).
     """
 
+    score_column = ("entropy", "mean prediction entropy over the perturbed copies")
+
     def __init__(
         self,
         copies: int = 20,
