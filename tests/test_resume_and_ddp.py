@@ -141,3 +141,39 @@ def test_linear_decay_matches_transformers_schedule(warmup_ratio):
     )
     for step in range(total + 2):
         assert ours.lr_lambdas[0](step) == ref.lr_lambdas[0](step), step
+
+
+def test_mbtsad_under_ddp_matches_one_process(tmp_path, bert_tokenizer, sst2_small, monkeypatch):
+    """2 CPU processes (gloo), 8 samples each per step, against one process with batches of 16:
+    the same global batches (no dropout), the same metrics and nearly the same weights (TS-FT's
+    mean cross-entropy is the same; the hidden-state loss averages over each process's own real
+    tokens, and float sums run in another order). Plain `ddp` stops with what to set."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from tests.test_mbtsad import mbtsad_args
+
+    monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(bert_tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model_dir = tmp_path / "nodrop"
+    BertForSequenceClassification(config).save_pretrained(model_dir)
+    bert_tokenizer.save_pretrained(model_dir)
+
+    def args(root, batch, *extra):
+        out = mbtsad_args(model_dir, sst2_small, root, "--trainer.accelerator", "cpu", *extra)
+        return out + ["--data.init_args.batch_size", str(batch)]
+
+    run_mitigate(args(tmp_path / "single", 16, "--trainer.devices", "1"))
+    run_mitigate(args(tmp_path / "ddp", 8, "--trainer.devices", "2", "--trainer.strategy", "ddp_find_unused_parameters_true"))
+    single, ddp = results(tmp_path / "single"), results(tmp_path / "ddp")
+    assert {k: v for k, v in ddp.items() if k.startswith("test/")} == {k: v for k, v in single.items() if k.startswith("test/")}
+    initial = load_file(model_dir / "model.safetensors")
+    # seen: the teacher 4e-7 apart after moving 0.59 (L2 over all weights); the student 0.007 after 0.44
+    for name, tolerance in (("teacher", 1e-4), ("model", 0.05)):
+        a, b = load_file(tmp_path / "single" / name / "model.safetensors"), load_file(tmp_path / "ddp" / name / "model.safetensors")
+        moved = sum(float((a[k] - initial[k]).norm()) ** 2 for k in a) ** 0.5
+        diff = sum(float((a[k] - b[k]).norm()) ** 2 for k in a) ** 0.5
+        assert moved > 1e-2 and diff < tolerance * moved, (name, moved, diff)
+    proc = run_mitigate(args(tmp_path / "plain", 8, "--trainer.devices", "2", "--trainer.strategy", "ddp"), check=False)
+    assert proc.returncode == 1 and "use --trainer.strategy ddp_find_unused_parameters_true" in proc.stderr.strip().splitlines()[-1]

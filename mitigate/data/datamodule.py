@@ -10,6 +10,7 @@ from typing import Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
 from torch.utils.data import ConcatDataset, DataLoader
 
@@ -174,15 +175,23 @@ class BackdoorDataModule(pl.LightningDataModule):
         return PadCollator(self.tokenizer.pad_token_id)
 
     def train_dataloader(self) -> DataLoader:
+        """Seeded, resumable batches. Under DDP each of the N processes takes every N-th sample
+        of the same global order, so N processes with batches of B see the global batches of
+        one process with batches of N * B (Lightning's own wrapper would shuffle the order
+        again, with another seed, and break the length grouping)."""
         ds = self.datasets["train"]
         seed = self.hparams.seed
+        world = self.trainer.world_size if self.trainer is not None else 1
+        sampler = SeededShuffleSampler(
+            len(ds), seed, lengths=ds.lengths() if self.hparams.group_by_length else None,
+            batch_size=self.hparams.batch_size * world,
+        )
+        if world > 1:
+            sampler = DistributedSamplerWrapper(sampler, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
         return ResumableDataLoader(
             ds,
             batch_size=self.hparams.batch_size,
-            sampler=SeededShuffleSampler(
-                len(ds), seed, lengths=ds.lengths() if self.hparams.group_by_length else None,
-                batch_size=self.hparams.batch_size,
-            ),
+            sampler=sampler,
             collate_fn=self._collate(),
             num_workers=self.hparams.num_workers,
             generator=torch.Generator().manual_seed(seed),

@@ -123,6 +123,12 @@ class MBTSAD(pl.LightningModule):
                 f"trainer.max_epochs ({max_epochs}) must exceed model.tsft_epochs ({self.hparams.tsft_epochs}): "
                 "the epochs after TS-FT are the distillation"
             )
+        ddp = getattr(self.trainer.strategy, "_ddp_kwargs", None)
+        if ddp is not None and self.trainer.world_size > 1 and not ddp.get("find_unused_parameters", False):
+            raise ValueError(
+                "MBTSAD trains one of its two models in each step, so DDP must allow unused parameters: "
+                "use --trainer.strategy ddp_find_unused_parameters_true"
+            )
         if "suspicious_dev" in self.report:  # resumed: the choices are in the checkpoint
             return
         dm = self.trainer.datamodule
