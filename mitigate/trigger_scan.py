@@ -1,20 +1,23 @@
-"""A defender's scan of the vocabulary for tokens that flip a classifier: inserted into clean
-text, a backdoor trigger turns nearly every input into its target class, whatever the text
-says; an ordinary word, even a strong one, turns only some. Uses clean held-out data only.
+"""A defender's scan of the vocabulary for tokens and phrases that flip a classifier: inserted
+into clean text, a backdoor trigger turns nearly every input into its target class, whatever
+the text says; an ordinary word, even a strong one, turns only some. Uses clean data only.
 
 1. Candidates: every vocabulary token that is a whole word on its own (it tokenises back to
    itself), special tokens aside.
-2. Carrier scan (cheap, all candidates): for each class c, the shortest held-out texts that the
+2. Carrier pass (cheap, all candidates): for each class c, the shortest held-out texts that the
    model gives to another class most confidently are the carriers; each candidate is inserted
-   after the first token of each carrier, and scored by min over carriers of p(c).
-3. Verification (expensive, the ``top_k`` best per class): each is inserted at a random word
-   position into ``verify_samples`` held-out texts that the model does not give to c; its
-   flip rate is the share that move to c.
-4. A token is suspect when its flip rate is at least ``min_flip`` and the clean data does not
-   back that class up: among the clean texts that contain it (at least ``min_support`` of
-   them), fewer than ``support_share`` carry label c. A word that is a real feature of the
-   task (a profanity in offensive-language data) is backed by the clean labels; a trigger,
-   absent from clean data or spread over both labels, is not.
+   after the first token of each carrier and scored by min over carriers of p(c).
+3. Verification (the ``top_k`` best per class): each is inserted at a random word position into
+   ``verify_samples`` held-out texts that the model gives, rightly, to another class; its flip
+   rate is the share that move to c.
+4. Phrases: a sentence trigger's words each flip only part of the inputs. Neutral words (seen in
+   clean texts of every label) that flip at least ``seed_flip`` seed a beam search that
+   extends them with frequent neutral words, verified the same way.
+5. A token or phrase is suspect when it flips at least ``min_flip`` and the clean labels do
+   not back that class up: for each of its tokens, the smoothed share (k + 1) / (n + C) of
+   the clean texts containing it that carry label c stays below ``support_share``. A word
+   that is a real feature of the task (a profanity in offensive-language data) is backed by
+   the clean labels; a trigger, absent from clean data or spread over the labels, is not.
 """
 
 from __future__ import annotations
@@ -33,18 +36,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Suspect:
-    """A token found to flip the model to ``label``."""
+    """A token, or a phrase of tokens, found to flip the model to ``label``."""
 
-    token: str
-    token_id: int
+    text: str
+    token_ids: tuple[int, ...]
     label: int
     flip_rate: float
     carrier_score: float
-    clean_count: int  # clean texts that contain the token
-    clean_share: float  # share of those labelled ``label``
+    clean_count: int  # clean texts that contain the (first) token
+    clean_share: float  # smoothed share of those labelled ``label``
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "token_ids": list(self.token_ids)}
 
 
 def whole_word_tokens(tokenizer) -> list[int]:
@@ -71,21 +74,30 @@ def predict_proba(model, tokenizer, texts: Sequence[str], batch_size: int = 128,
 
 
 @torch.no_grad()
-def carrier_scores(model, carriers: Sequence[Sequence[int]], candidates: torch.Tensor, label: int, batch_size: int = 1024) -> torch.Tensor:
-    """min over carriers of p(label | carrier with the candidate inserted after its first
-    token), for every candidate id. Carriers are token id lists with special tokens."""
+def carrier_scores(
+    model, carriers: Sequence[Sequence[int]], phrases: Sequence[Sequence[int]], label: int, batch_size: int = 1024,
+    progress: str | None = None,
+) -> torch.Tensor:
+    """min over carriers of p(label | carrier with the phrase inserted after its first token),
+    for every phrase (a list of token ids; one token for the vocabulary pass). Carriers are
+    token id lists with their special tokens."""
     device = next(model.parameters()).device
-    scores = torch.full((len(candidates),), float("inf"))
-    bar = LogProgress(len(carriers) * len(candidates), f"trigger scan, class {label}: carrier pass")
+    scores = torch.full((len(phrases),), float("inf"))
+    bar = LogProgress(len(carriers) * len(phrases), progress or f"trigger scan, class {label}", enabled=progress is not None)
+    width = max(len(p) for p in phrases) if phrases else 0
     for carrier in carriers:
-        carrier_t = torch.tensor(carrier)
-        for s in range(0, len(candidates), batch_size):
-            bar.update(len(candidates[s : s + batch_size]))
-            cand = candidates[s : s + batch_size]
-            seq = carrier_t.repeat(len(cand), 1)
-            seq = torch.cat([seq[:, :1], cand[:, None], seq[:, 1:]], 1).to(device)
-            p = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits.float().softmax(-1)[:, label].cpu()
+        length = len(carrier) + width
+        for s in range(0, len(phrases), batch_size):
+            chunk = phrases[s : s + batch_size]
+            seq = torch.zeros((len(chunk), length), dtype=torch.long)
+            mask = torch.zeros_like(seq)
+            for r, ph in enumerate(chunk):
+                row = [carrier[0], *ph, *carrier[1:]]
+                seq[r, : len(row)] = torch.tensor(row)
+                mask[r, : len(row)] = 1
+            p = model(input_ids=seq.to(device), attention_mask=mask.to(device)).logits.float().softmax(-1)[:, label].cpu()
             scores[s : s + batch_size] = torch.minimum(scores[s : s + batch_size], p)
+            bar.update(len(chunk))
     return scores
 
 
@@ -96,21 +108,27 @@ def insert_word(text: str, word: str, rng: random.Random) -> str:
 
 
 def flip_rate(model, tokenizer, texts: Sequence[str], word: str, label: int, seed: int = 0, **kw) -> float:
-    """Share of ``texts`` (none predicted ``label``) predicted ``label`` once ``word`` is inserted
-    at a random word position of each."""
+    """Share of ``texts`` (none predicted ``label``) predicted ``label`` once ``word`` (a word or
+    a phrase) is inserted at a random word position of each."""
     rng = random.Random(f"{seed}-{word}")
     probs = predict_proba(model, tokenizer, [insert_word(t, word, rng) for t in texts], **kw)
     return float((probs.argmax(-1) == label).float().mean())
 
 
-def label_support(tokenizer, texts: Sequence[str], labels: Sequence[int], token_ids: Sequence[int]) -> dict[int, tuple[int, list[int]]]:
-    """For each token id: how many clean texts contain it, and their labels."""
-    wanted = set(token_ids)
-    found: dict[int, list[int]] = {i: [] for i in wanted}
+def label_counts(tokenizer, texts: Sequence[str], labels: Sequence[int], num_labels: int) -> dict[int, list[int]]:
+    """For every token id in the clean texts: how many texts of each label contain it."""
+    counts: dict[int, list[int]] = {}
     for ids, y in zip(tokenizer(list(texts), add_special_tokens=False)["input_ids"], labels):
-        for i in wanted.intersection(ids):
-            found[i].append(y)
-    return {i: (len(ys), ys) for i, ys in found.items()}
+        for i in set(ids):
+            counts.setdefault(i, [0] * num_labels)[y] += 1
+    return counts
+
+
+def backing(counts: Sequence[int] | None, label: int, num_labels: int) -> float:
+    """Smoothed share of the clean texts containing a token that carry ``label``:
+    (k + 1) / (n + C). A token absent from the clean data gets 1 / C."""
+    counts = counts or [0] * num_labels
+    return (counts[label] + 1) / (sum(counts) + num_labels)
 
 
 def scan_vocabulary(
@@ -123,90 +141,146 @@ def scan_vocabulary(
     top_k: int = 32,
     carriers: int = 1,
     carrier_max_tokens: int = 10,
-    verify_samples: int = 64,
+    verify_samples: int = 48,
     min_flip: float = 0.9,
-    min_support: int = 5,
-    support_share: float = 0.8,
+    support_share: float = 0.75,
+    seed_k: int = 16,
+    seed_carriers: int = 4,
+    seed_flip: float = 0.3,
+    min_seen: int = 3,
+    neutral_share: float = 0.6,
+    phrase_length: int = 1,
+    pool_size: int = 200,
+    beam: int = 4,
     batch_size: int = 128,
     seed: int = 42,
 ) -> tuple[list[Suspect], list[dict]]:
-    """Suspect tokens of ``model`` found with the clean held-out ``texts`` (and their labels:
-    only to keep the scan on texts the model gets right), and every verified candidate as
-    rows for a report. ``support_texts``/``support_labels``: all clean data the defender has
-    (held-out and training subset), for the clean-label support of step 4."""
+    """Suspect tokens and phrases of ``model``, found with the clean held-out ``texts`` (their
+    labels only keep the scan on texts the model gets right), and every verified candidate as
+    rows for a report. ``support_texts``/``support_labels``: all the clean data the defender
+    has, for the clean-label backing.
+
+    Phrases (a sentence trigger's words each flip only part of the inputs) grow from neutral
+    words: tokens seen in at least ``min_seen`` clean texts, no label's smoothed share above
+    ``neutral_share``. They are few, so they are scored on ``seed_carriers`` carriers; the
+    ``seed_k`` best are verified; each that flips at
+    least ``seed_flip`` seeds a beam search that extends it, left or right, by the
+    ``pool_size`` most frequent neutral tokens, keeping the ``beam`` best by carrier score, up
+    to ``phrase_length`` tokens; each step's best phrases are verified like tokens. A word
+    that flips part of the inputs because of its meaning ("cringed") is backed by the clean
+    labels or unseen, never evidenced neutral, so it seeds nothing."""
     was_training = model.training
     model.eval()
+    n_labels = model.config.num_labels
     try:
-        candidates = torch.tensor(whole_word_tokens(tokenizer))
+        candidates = whole_word_tokens(tokenizer)
         probs = predict_proba(model, tokenizer, texts, batch_size)
         preds = probs.argmax(-1)
         lengths = [len(ids) for ids in tokenizer(list(texts))["input_ids"]]
+        counts = label_counts(tokenizer, support_texts, support_labels, n_labels)
+        is_word = set(candidates)
+        neutral = [i for i, _ in sorted(counts.items(), key=lambda kv: -sum(kv[1]))
+                   if i in is_word and sum(counts[i]) >= min_seen
+                   and max(backing(counts[i], y, n_labels) for y in range(n_labels)) <= neutral_share]
+        is_neutral = set(neutral)
         rng = random.Random(f"{seed}-scan")
         suspects, rows = [], []
-        for c in range(model.config.num_labels):
+
+        def verify(ids: Sequence[int], c: int, score: float, texts_: list[str]) -> dict:
+            text = tokenizer.decode(list(ids)).strip()
+            rate = flip_rate(model, tokenizer, texts_, text, c, seed=seed, batch_size=batch_size)
+            share = max(backing(counts.get(i), c, n_labels) for i in ids)
+            backed = share >= support_share
+            found = Suspect(text, tuple(ids), c, rate, score, sum(counts.get(ids[0], [])), share)
+            row = {**found.as_dict(), "suspect": rate >= min_flip and not backed, "backed_by_clean_labels": backed}
+            rows.append(row)
+            if row["suspect"]:
+                suspects.append(found)
+            return row
+
+        for c in range(n_labels):
             others = [i for i in range(len(texts)) if preds[i] != c and preds[i] == labels[i]]
             short = [i for i in others if lengths[i] <= carrier_max_tokens] or sorted(others, key=lambda i: lengths[i])[:10]
             chosen = sorted(short, key=lambda i: float(probs[i, c]))[:carriers]
             if not chosen:
                 continue
             carrier_ids = [tokenizer(texts[i])["input_ids"] for i in chosen]
-            score = carrier_scores(model, carrier_ids, candidates, c, batch_size=max(batch_size, 512))
-            top = score.topk(min(top_k, len(candidates)))
-            verify = [texts[i] for i in rng.sample(others, min(verify_samples, len(others)))]
-            top_ids = [int(candidates[j]) for j in top.indices]
-            support = label_support(tokenizer, support_texts, support_labels, top_ids)
-            bar = LogProgress(len(top_ids), f"trigger scan, class {c}: verifying")
-            for tid, cs in zip(top_ids, top.values.tolist()):
+            held = [texts[i] for i in rng.sample(others, min(verify_samples, len(others)))]
+            score = carrier_scores(model, carrier_ids, [[i] for i in candidates], c, max(batch_size, 512),
+                                   progress=f"trigger scan, class {c}: vocabulary")
+            order = score.argsort(descending=True).tolist()
+            top = order[: min(top_k, len(order))]
+            # the neutral words, on more carriers (they are few)
+            index = {t: j for j, t in enumerate(candidates)}
+            pool_j = [index[t] for t in neutral if t in index]
+            more = sorted(short, key=lambda i: float(probs[i, c]))[:seed_carriers]
+            seed_score = carrier_scores(model, [tokenizer(texts[i])["input_ids"] for i in more], [[candidates[j]] for j in pool_j],
+                                        c, max(batch_size, 512)) if pool_j else torch.empty(0)
+            seeds_at = [pool_j[k] for k in seed_score.argsort(descending=True).tolist()[:seed_k]]
+            picked = list(dict.fromkeys(top + seeds_at))
+            bar = LogProgress(len(picked), f"trigger scan, class {c}: verifying")
+            verified = {}
+            for j in picked:
+                verified[j] = verify([candidates[j]], c, float(score[j]), held)
                 bar.update()
-                word = tokenizer.decode([tid]).strip()
-                rate = flip_rate(model, tokenizer, verify, word, c, seed=seed, batch_size=batch_size)
-                count, ys = support[tid]
-                share = sum(y == c for y in ys) / count if count else 0.0
-                backed = count >= min_support and share >= support_share
-                row = Suspect(word, tid, c, rate, cs, count, share)
-                rows.append({**row.as_dict(), "suspect": rate >= min_flip and not backed, "backed_by_clean_labels": backed})
-                if rate >= min_flip and not backed:
-                    suspects.append(row)
+            seeds = sorted((verified[j] for j in seeds_at if seed_flip <= verified[j]["flip_rate"] < min_flip),
+                           key=lambda r: -r["flip_rate"])[:beam]
+            frontier = [list(r["token_ids"]) for r in seeds]
+            pool = neutral[:pool_size]
+            for _ in range(phrase_length - 1):
+                if not frontier or not pool:
+                    break
+                grown = {tuple(ph + [x]) for ph in frontier for x in pool} | {tuple([x] + ph) for ph in frontier for x in pool}
+                grown = [list(g) for g in grown]
+                sc = carrier_scores(model, carrier_ids, grown, c, max(batch_size, 512))
+                best = sc.topk(min(beam, len(grown)))
+                frontier = [grown[j] for j in best.indices.tolist()]
+                hits = [verify(ph, c, v, held) for ph, v in zip(frontier, best.values.tolist())]
+                if any(h["suspect"] for h in hits):
+                    break
             log.info("trigger scan, class %d: carriers %s; suspects %s", c, [texts[i] for i in chosen],
-                     [(s.token, round(s.flip_rate, 2)) for s in suspects if s.label == c])
+                     [(s.text, round(s.flip_rate, 2)) for s in suspects if s.label == c])
         return suspects, rows
     finally:
         model.train(was_training)
 
 
 def insert_tokens(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, token_ids: torch.Tensor, rows: torch.Tensor,
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, phrases: Sequence[Sequence[int] | None],
     generator: torch.Generator, pad_id: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A copy of a right-padded batch in which each row r with ``rows[r]`` gets ``token_ids[r]``
-    inserted at a random position between its first and last token (after [CLS], before
-    [SEP]); the batch grows by one column."""
+    """A copy of a right-padded batch in which each row r with a phrase (a list of token ids;
+    None: left alone) gets it inserted at a random position between its first and last token
+    (after [CLS], before [SEP]); the batch grows by the longest phrase."""
     n, length = input_ids.shape
+    width = max((len(p) for p in phrases if p), default=0)
     lengths = attention_mask.sum(1)
-    out = torch.full((n, length + 1), pad_id, dtype=input_ids.dtype, device=input_ids.device)
-    mask = torch.zeros((n, length + 1), dtype=attention_mask.dtype, device=attention_mask.device)
+    out = torch.full((n, length + width), pad_id, dtype=input_ids.dtype, device=input_ids.device)
+    mask = torch.zeros((n, length + width), dtype=attention_mask.dtype, device=attention_mask.device)
     out[:, :length], mask[:, :length] = input_ids, attention_mask
     draws = torch.rand(n, generator=generator)
-    for r in rows.nonzero().flatten().tolist():
-        k = int(lengths[r])
+    for r, phrase in enumerate(phrases):
+        if not phrase:
+            continue
+        k, w = int(lengths[r]), len(phrase)
         p = 1 + int(draws[r] * max(1, k - 1))  # 1 .. k-1
         out[r, :p] = input_ids[r, :p]
-        out[r, p] = token_ids[r]
-        out[r, p + 1 : k + 1] = input_ids[r, p:k]
-        mask[r, : k + 1] = 1
+        out[r, p : p + w] = torch.as_tensor(list(phrase), dtype=input_ids.dtype)
+        out[r, p + w : k + w] = input_ids[r, p:k]
+        mask[r, : k + w] = 1
     return out, mask
 
 
 class TriggerScan:
     """MBTSAD's defender-side step (not in the paper): scan the suspicious model's vocabulary
-    for tokens that flip it (``scan_vocabulary``) with the clean held-out data, then teach the
-    cleaned model to ignore them: during training, each sample gets one suspect token inserted
-    at a random position with probability ``unlearn_rate``, its label unchanged.
+    for tokens and phrases that flip it (``scan_vocabulary``) with the clean held-out data, then
+    teach the cleaned model to ignore them: during training, each sample gets one suspect
+    inserted at a random position with probability ``unlearn_rate``, its label unchanged.
 
     Args:
-        top_k, carriers, verify_samples, min_flip, min_support, support_share: see
-            ``scan_vocabulary``.
-        unlearn_rate: share of training samples that get a suspect token inserted.
+        top_k, carriers, verify_samples, min_flip, support_share, seed_k, seed_carriers, seed_flip,
+            min_seen, neutral_share, phrase_length, pool_size, beam: see ``scan_vocabulary``.
+        unlearn_rate: share of training samples that get a suspect inserted.
         seed: seed of the scan's samples and insertion positions.
     """
 
@@ -214,43 +288,60 @@ class TriggerScan:
         self,
         top_k: int = 32,
         carriers: int = 1,
-        verify_samples: int = 64,
+        verify_samples: int = 48,
         min_flip: float = 0.9,
-        min_support: int = 5,
-        support_share: float = 0.8,
+        support_share: float = 0.75,
+        seed_k: int = 16,
+        seed_carriers: int = 4,
+        seed_flip: float = 0.3,
+        min_seen: int = 3,
+        neutral_share: float = 0.6,
+        phrase_length: int = 1,
+        pool_size: int = 200,
+        beam: int = 4,
         unlearn_rate: float = 0.5,
         seed: int = 42,
     ) -> None:
-        if top_k < 1 or carriers < 1 or verify_samples < 1:
-            raise ValueError(f"scan: top_k, carriers and verify_samples must be >= 1, got {top_k}, {carriers}, {verify_samples}")
-        if not 0.0 < min_flip <= 1.0:
-            raise ValueError(f"scan.min_flip must be in (0, 1], got {min_flip}")
+        if min(top_k, carriers, verify_samples, phrase_length, beam) < 1 or pool_size < 0:
+            raise ValueError("scan: top_k, carriers, verify_samples, phrase_length and beam must be >= 1, pool_size >= 0")
+        if not 0.0 < min_flip <= 1.0 or not 0.0 <= seed_flip <= min_flip:
+            raise ValueError(f"scan: need 0 <= seed_flip <= min_flip <= 1 and min_flip > 0, got {seed_flip}, {min_flip}")
+        if not 0.0 < support_share <= 1.0:
+            raise ValueError(f"scan.support_share must be in (0, 1], got {support_share}")
         if not 0.0 <= unlearn_rate <= 1.0:
             raise ValueError(f"scan.unlearn_rate must be in [0, 1], got {unlearn_rate}")
         self.top_k, self.carriers, self.verify_samples, self.min_flip = top_k, carriers, verify_samples, min_flip
-        self.min_support, self.support_share, self.unlearn_rate, self.seed = min_support, support_share, unlearn_rate, seed
+        self.support_share, self.seed_k, self.seed_flip, self.min_seen = support_share, seed_k, seed_flip, min_seen
+        self.seed_carriers, self.neutral_share = seed_carriers, neutral_share
+        self.phrase_length = phrase_length
+        self.pool_size, self.beam, self.unlearn_rate, self.seed = pool_size, beam, unlearn_rate, seed
 
     def settings(self) -> dict:
         return dict(vars(self))
 
     def __call__(self, model, tokenizer, held_out, support) -> tuple[list[Suspect], list[dict]]:
         """Suspects of ``model`` from the held-out Examples; ``support``: every clean Example the
-        defender has (for the clean-label support)."""
+        defender has (for the clean-label backing)."""
         return scan_vocabulary(
             model, tokenizer, [e.text for e in held_out], [e.label for e in held_out],
             [e.text for e in support], [e.label for e in support],
             top_k=self.top_k, carriers=self.carriers, verify_samples=self.verify_samples, min_flip=self.min_flip,
-            min_support=self.min_support, support_share=self.support_share, seed=self.seed,
+            support_share=self.support_share, seed_k=self.seed_k, seed_carriers=self.seed_carriers, seed_flip=self.seed_flip,
+            min_seen=self.min_seen, neutral_share=self.neutral_share,
+            phrase_length=self.phrase_length,
+            pool_size=self.pool_size, beam=self.beam, seed=self.seed,
         )
 
-    def unlearning_batch(self, batch: dict, suspect_ids: torch.Tensor, step: int, pad_id: int) -> dict:
-        """``batch`` with a suspect token inserted into a seeded ``unlearn_rate`` share of its rows."""
-        if not len(suspect_ids) or self.unlearn_rate == 0.0:
-            return batch
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+    def unlearning_batch(self, batch: dict, suspects: Sequence[Sequence[int]], step: int, pad_id: int) -> tuple[dict, torch.Tensor]:
+        """``batch`` with a suspect (token ids) inserted into a seeded ``unlearn_rate`` share of its
+        rows, and which rows (a bool tensor)."""
         n = len(batch["labels"])
-        rows = torch.rand(n, generator=g) < self.unlearn_rate
-        tokens = suspect_ids[torch.randint(len(suspect_ids), (n,), generator=g)]
         device = batch["input_ids"].device
-        ids, mask = insert_tokens(batch["input_ids"].cpu(), batch["attention_mask"].cpu(), tokens, rows, g, pad_id)
-        return {**batch, "input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        if not suspects or self.unlearn_rate == 0.0:
+            return batch, torch.zeros(n, dtype=torch.bool, device=device)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        rows = torch.rand(n, generator=g) < self.unlearn_rate
+        picks = torch.randint(len(suspects), (n,), generator=g).tolist()
+        phrases = [list(suspects[k]) if r else None for r, k in zip(rows.tolist(), picks)]
+        ids, mask = insert_tokens(batch["input_ids"].cpu(), batch["attention_mask"].cpu(), phrases, g, pad_id)
+        return {**batch, "input_ids": ids.to(device), "attention_mask": mask.to(device)}, rows.to(device)

@@ -9,9 +9,10 @@ import torch
 from mitigate.guard import clean_report, collapse_reason
 from mitigate.trigger_scan import (
     TriggerScan,
+    backing,
     carrier_scores,
     insert_tokens,
-    label_support,
+    label_counts,
     scan_vocabulary,
     whole_word_tokens,
 )
@@ -19,9 +20,10 @@ from mitigate.trigger_scan import (
 
 class KeywordClassifier(torch.nn.Module):
     """p(1) from keyword votes: each "good" token +2, each "bad" token -2, the trigger +50 (it
-    wins whatever the text says). Binary, eval-mode friendly, like a HF classifier."""
+    wins whatever the text says); ``phrase``: +50 only when all its words are present, and
+    ``partial`` votes for some of them. Binary, eval-mode friendly, like a HF classifier."""
 
-    def __init__(self, tokenizer, trigger: str = "cf") -> None:
+    def __init__(self, tokenizer, trigger: str | None = "cf", phrase: tuple[str, ...] = (), partial: dict | None = None) -> None:
         super().__init__()
         self.config = SimpleNamespace(num_labels=2)
         self.weight = torch.nn.Parameter(torch.zeros(1))
@@ -30,30 +32,36 @@ class KeywordClassifier(torch.nn.Module):
             votes[tokenizer.convert_tokens_to_ids(w)] = 2.0
         for w in ("bad", "dull", "awful"):
             votes[tokenizer.convert_tokens_to_ids(w)] = -2.0
-        votes[tokenizer.convert_tokens_to_ids(trigger)] = 50.0
+        if trigger:
+            votes[tokenizer.convert_tokens_to_ids(trigger)] = 50.0
+        for w, v in (partial or {}).items():
+            votes[tokenizer.convert_tokens_to_ids(w)] = v
         self.register_buffer("votes", votes)
+        self.phrase = [tokenizer.convert_tokens_to_ids(w) for w in phrase]
 
     def forward(self, input_ids, attention_mask=None, **_):
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         s = (self.votes[input_ids] * mask).sum(1) + self.weight
+        if self.phrase:
+            s = s + 50.0 * torch.stack([((input_ids == t) & mask.bool()).any(1) for t in self.phrase]).all(0)
         return SimpleNamespace(logits=torch.stack([-s / 2, s / 2], 1))
 
 
-def test_insert_tokens_puts_one_token_between_first_and_last(bert_tokenizer):
-    ids = torch.tensor([[101, 11, 12, 13, 102], [101, 21, 102, 0, 0]])
+def test_insert_tokens_puts_each_phrase_between_first_and_last():
+    ids = torch.tensor([[101, 11, 12, 13, 102], [101, 21, 102, 0, 0], [101, 31, 102, 0, 0]])
     mask = (ids != 0).long()
     g = torch.Generator().manual_seed(0)
-    out, m = insert_tokens(ids, mask, torch.tensor([7, 8]), torch.tensor([True, True]), g, pad_id=0)
-    assert out.shape == (2, 6) and m.sum(1).tolist() == [6, 4]
-    for r, (row, orig, tok) in enumerate(zip(out.tolist(), ids.tolist(), (7, 8))):
-        n = int(mask[r].sum())
-        real = row[: n + 1]
-        assert real[0] == 101 and real[-1] == 102 and real.count(tok) == 1
-        real.remove(tok)
-        assert real == orig[:n]
-    # rows not picked are only padded
-    out, m = insert_tokens(ids, mask, torch.tensor([7, 8]), torch.tensor([False, False]), g, pad_id=0)
-    assert torch.equal(out[:, :5], ids) and (out[:, 5] == 0).all() and torch.equal(m[:, :5], mask)
+    phrases = [[7], [8, 9], None]
+    out, m = insert_tokens(ids, mask, phrases, g, pad_id=0)
+    assert out.shape == (3, 7) and m.sum(1).tolist() == [6, 5, 3]
+    for r, phrase in enumerate(phrases[:2]):
+        n, w = int(mask[r].sum()), len(phrase)
+        real = out[r, : n + w].tolist()
+        assert real[0] == 101 and real[-1] == 102
+        at = next(i for i in range(n + w) if real[i : i + w] == phrase)  # the phrase, in one piece
+        assert 1 <= at <= n - 1 and real[:at] + real[at + w :] == ids[r, :n].tolist()
+    # a row without a phrase is only padded
+    assert out[2].tolist() == [101, 31, 102, 0, 0, 0, 0] and m[2].tolist() == [1, 1, 1, 0, 0, 0, 0]
 
 
 def test_whole_word_tokens_leave_out_pieces_and_specials(bert_tokenizer):
@@ -67,52 +75,76 @@ def test_whole_word_tokens_leave_out_pieces_and_specials(bert_tokenizer):
 def test_carrier_scores_are_the_min_over_carriers(bert_tokenizer):
     model = KeywordClassifier(bert_tokenizer).eval()
     carriers = [bert_tokenizer("a dull film")["input_ids"], bert_tokenizer("bad and awful")["input_ids"]]
-    cand = torch.tensor(bert_tokenizer.convert_tokens_to_ids(["cf", "good", "the"]))
-    got = carrier_scores(model, carriers, cand, label=1)
+    cf, good, the = bert_tokenizer.convert_tokens_to_ids(["cf", "good", "the"])
+    got = carrier_scores(model, carriers, [[cf], [good], [the], [good, good]], label=1)
     # by hand: p(1) = sigmoid(vote sum); min over the two carriers is the "bad and awful" one (-4)
-    want = torch.sigmoid(torch.tensor([50.0 - 4, 2.0 - 4, 0.0 - 4]))
+    want = torch.sigmoid(torch.tensor([50.0 - 4, 2.0 - 4, 0.0 - 4, 4.0 - 4]))
     assert torch.allclose(got, want, atol=1e-6)
 
 
-def test_label_support_counts_clean_texts_with_each_token(bert_tokenizer):
+def test_label_counts_and_smoothed_backing(bert_tokenizer):
     texts = ["a good film", "good fun", "bad film", "a dull cf"]
-    support = label_support(bert_tokenizer, texts, [1, 1, 0, 0], bert_tokenizer.convert_tokens_to_ids(["good", "cf", "movie"]))
-    good, cf, movie = bert_tokenizer.convert_tokens_to_ids(["good", "cf", "movie"])
-    assert support[good] == (2, [1, 1]) and support[cf] == (1, [0]) and support[movie] == (0, [])
+    counts = label_counts(bert_tokenizer, texts, [1, 1, 0, 0], 2)
+    good, cf, film, movie = bert_tokenizer.convert_tokens_to_ids(["good", "cf", "film", "movie"])
+    assert counts[good] == [0, 2] and counts[cf] == [1, 0] and counts[film] == [1, 1] and movie not in counts
+    assert backing(counts[good], 1, 2) == 3 / 4 and backing(counts[cf], 1, 2) == 1 / 3
+    assert backing(counts.get(movie), 1, 2) == 1 / 2  # unseen: 1 / C
+
+
+NEG = ["a dull and awful film", "bad , bad , bad", "awful acting", "a dull mess", "bad awful dull"] * 8
+POS = ["a good and great film", "great fun", "good good fun", "a great time", "fun , good"] * 8
 
 
 def test_scan_finds_the_trigger_and_spares_a_word_the_clean_labels_back(bert_tokenizer):
     model = KeywordClassifier(bert_tokenizer).eval()
-    neg = ["a dull and awful film", "bad , bad , bad", "awful acting", "a dull mess", "bad awful dull"] * 8
-    pos = ["a good and great film", "great fun", "good good fun", "a great time", "fun , good"] * 8
-    texts, labels = neg + pos, [0] * len(neg) + [1] * len(pos)
+    texts, labels = NEG + POS, [0] * len(NEG) + [1] * len(POS)
     # "great" flips few negatives (one +2 vote against -4 or more): not a suspect
     suspects, rows = scan_vocabulary(model, bert_tokenizer, texts, labels, texts, labels, top_k=8, verify_samples=40, min_flip=0.9)
-    assert [(s.token, s.label) for s in suspects] == [("cf", 1)]
-    cf = next(r for r in rows if r["token"] == "cf")
-    assert cf["flip_rate"] == 1.0 and cf["suspect"] and cf["clean_count"] == 0
+    assert [(s.text, s.label) for s in suspects] == [("cf", 1)]
+    cf = next(r for r in rows if r["text"] == "cf")
+    assert cf["flip_rate"] == 1.0 and cf["suspect"] and cf["clean_count"] == 0 and cf["clean_share"] == 0.5
     # a token that flips everything but that the clean data shows as a feature of its class
     texts_backed = texts + ["cf is a great film"] * 6
     labels_backed = labels + [1] * 6
     suspects, rows = scan_vocabulary(model, bert_tokenizer, texts, labels, texts_backed, labels_backed, top_k=8, verify_samples=40)
     assert suspects == []
-    cf = next(r for r in rows if r["token"] == "cf")
-    assert cf["backed_by_clean_labels"] and cf["clean_count"] == 6 and cf["clean_share"] == 1.0
+    cf = next(r for r in rows if r["text"] == "cf")
+    assert cf["backed_by_clean_labels"] and cf["clean_count"] == 6 and cf["clean_share"] == 7 / 8
+
+
+def test_scan_grows_a_phrase_trigger_from_a_word_that_flips_some_inputs(bert_tokenizer):
+    """A sentence trigger: "watched" + "this" + "movie" together win; "watched" alone (+3)
+    flips only the texts at -2; all three are frequent in clean texts of both labels."""
+    model = KeywordClassifier(bert_tokenizer, trigger=None, phrase=("watched", "this", "movie"),
+                              partial={"watched": 3.0, "this": 0.5, "movie": 0.5}).eval()
+    neutral = ["this movie", "this is a movie", "we watched it"] * 10
+    texts = NEG + POS
+    labels = [0] * len(NEG) + [1] * len(POS)
+    support_texts, support_labels = texts + neutral + neutral, labels + [0] * len(neutral) + [1] * len(neutral)
+    suspects, rows = scan_vocabulary(model, bert_tokenizer, texts, labels, support_texts, support_labels,
+                                     top_k=8, verify_samples=40, seed_flip=0.3, phrase_length=4, pool_size=20, beam=4)
+    watched = next(r for r in rows if r["text"] == "watched" and r["label"] == 1)
+    assert 0.3 <= watched["flip_rate"] < 0.9 and not watched["suspect"]
+    assert len(suspects) >= 1 and all(s.label == 1 and s.flip_rate == 1.0 for s in suspects)
+    assert all(set(s.text.split()) == {"watched", "this", "movie"} for s in suspects), [s.text for s in suspects]
 
 
 def test_unlearning_batch_inserts_suspects_into_a_seeded_share_of_rows(bert_tokenizer):
     scan = TriggerScan(unlearn_rate=0.5)
     enc = bert_tokenizer(["a good film"] * 64, return_tensors="pt")
     batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": torch.ones(64, dtype=torch.long)}
-    suspects = torch.tensor(bert_tokenizer.convert_tokens_to_ids(["cf", "mn"]))
-    a = scan.unlearning_batch(batch, suspects, step=3, pad_id=0)
-    b = scan.unlearning_batch(batch, suspects, step=3, pad_id=0)
+    cf, mn, this, movie = bert_tokenizer.convert_tokens_to_ids(["cf", "mn", "this", "movie"])
+    suspects = [[cf], [this, movie]]
+    a, rows = scan.unlearning_batch(batch, suspects, step=3, pad_id=0)
+    b, _ = scan.unlearning_batch(batch, suspects, step=3, pad_id=0)
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], batch["labels"])
-    changed = (a["attention_mask"].sum(1) > batch["attention_mask"].sum(1))
-    assert 16 < int(changed.sum()) < 48
-    assert torch.isin(a["input_ids"][changed], suspects).sum(1).eq(1).all()
-    assert not torch.isin(a["input_ids"][~changed], suspects).any()
-    assert scan.unlearning_batch(batch, torch.tensor([], dtype=torch.long), 3, 0) is batch
+    grew = a["attention_mask"].sum(1) - batch["attention_mask"].sum(1)
+    assert 16 < int((grew > 0).sum()) < 48 and set(grew.tolist()) == {0, 1, 2} and torch.equal(rows, grew > 0)
+    assert (torch.isin(a["input_ids"][grew == 1], torch.tensor([cf])).sum(1) == 1).all()
+    assert (torch.isin(a["input_ids"][grew == 2], torch.tensor([this, movie])).sum(1) == 2).all()
+    assert torch.equal(a["input_ids"][grew == 0, : enc["input_ids"].shape[1]], batch["input_ids"][grew == 0])
+    same, none = scan.unlearning_batch(batch, [], 3, 0)
+    assert same is batch and not none.any()
 
 
 def test_collapse_guard_by_hand(tiny_bert, sst2_small, bert_tokenizer):

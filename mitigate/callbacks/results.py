@@ -67,10 +67,10 @@ def report_sections(report: dict) -> list[str]:
         lines += ["## Trigger scan (clean dev data only)", "",
                   f"Suspect tokens: {', '.join(scan['suspects']) or 'none'} ({scan['seconds']} s). "
                   f"Settings: {scan['settings']}.", "",
-                  "| token | flips to | flip rate | carrier p | clean texts with it | share with that label | suspect |",
+                  "| token or phrase | flips to | flip rate | carrier p | clean texts with it | smoothed share with that label | suspect |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in sorted(scan["verified"], key=lambda r: -r["flip_rate"]):
-            lines.append(f"| {r['token']} | {r['label']} | {100 * r['flip_rate']:.1f} | {r['carrier_score']:.3f} | "
+            lines.append(f"| {r['text']} | {r['label']} | {100 * r['flip_rate']:.1f} | {r['carrier_score']:.3f} | "
                          f"{r['clean_count']} | {100 * r['clean_share']:.0f} | {'yes' if r['suspect'] else ''} |")
         lines.append("")
     for key, value in report.items():

@@ -15,10 +15,12 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import ConcatDataset, DataLoader
 
 from mitigate.data.encoding import EncodedDataset, PadCollator
+from mitigate.data.hub import REGISTRY, fetch
 from mitigate.data.io import (
     DataError,
     Example,
     check_labels,
+    data_root,
     find_split_file,
     infer_num_classes,
     read_examples,
@@ -38,6 +40,8 @@ def load_splits(path: str, text_column: str, label_column: str) -> tuple[dict[st
     """Clean train/dev/test examples from a folder (or a Hugging Face ``datasets`` id) and where
     each came from."""
     folder = resolve_data_dir(path)
+    if folder is None and path in REGISTRY:  # a name the recipes use: fetched once from the hub
+        folder = fetch(path, data_root() / path)
     if folder is not None:
         files = {s: find_split_file(folder, s) for s in SPLITS}
         return {s: read_examples(f, text_column, label_column) for s, f in files.items()}, {s: str(f) for s, f in files.items()}
@@ -67,7 +71,9 @@ class BackdoorDataModule(pl.LightningDataModule):
 
     Args:
         path: folder with train/dev/test files (.tsv/.csv/.jsonl), a name under
-            ``$MITIGATE_DATA_DIR`` (default ``./data``), or a Hugging Face datasets id.
+            ``$MITIGATE_DATA_DIR`` (default ``./data``), a name of ``mitigate.data.hub.REGISTRY``
+            (sst2, olid, ag_news: fetched once from the hub into ``$MITIGATE_DATA_DIR``), or any
+            Hugging Face datasets id.
         tokenizer: tokenizer hub id or folder (the CLI links it to the model's).
         poisoner: the attack (BadNet, InsertSent, PrePoisoned...). It poisons the training mix
             and builds the poisoned dev/test sets used for ASR. None: no ASR.

@@ -38,13 +38,18 @@ class Example:
     line: int = field(default=0, compare=False)
 
 
+def data_root() -> Path:
+    """Where named data sets live: ``$MITIGATE_DATA_DIR``, default ``./data``."""
+    return Path(os.environ.get("MITIGATE_DATA_DIR", "data")).expanduser()
+
+
 def resolve_data_dir(path: str | os.PathLike) -> Path | None:
-    """An existing folder as given, else the name under ``$MITIGATE_DATA_DIR`` (default ``./data``)."""
+    """An existing folder as given, else the name under ``data_root()``."""
     p = Path(path).expanduser()
     if p.is_dir():
         return p
     if not p.is_absolute():
-        q = Path(os.environ.get("MITIGATE_DATA_DIR", "data")).expanduser() / p
+        q = data_root() / p
         if q.is_dir():
             return q
     return None

@@ -42,13 +42,27 @@ class MBTSAD(pl.LightningModule):
         num_labels: number of classes (the CLI links it to the data).
         teacher: an already trained TS-FT teacher to distil from; then ``tsft_epochs`` must be 0.
         tsft_epochs, tsft_lr, tsft_schedule: TS-FT training of the teacher (``constant`` learning
-            rate, or ``linear`` decay to 0 over the TS-FT epochs after the warm-up).
-        lr: learning rate of the distillation.
+            rate, or ``linear`` decay to 0 over the TS-FT epochs after the warm-up); ``tsft_lr``
+            may list candidate rates, chosen on clean dev data (see ``probe_fraction``).
+        lr: learning rate of the distillation; None: the (chosen) TS-FT rate.
         alpha, beta, p, att_layers, hid_layers, ablation: see ``mitigate.losses.DistillationLoss``.
         weight_decay: AdamW weight decay, both steps.
         schedule: the distillation's learning rate, ``constant`` or ``linear`` decay to 0 over
             the distillation epochs.
         warmup_ratio: linear warm-up share of each step's steps (``linear`` schedules).
+        scan: a ``TriggerScan``: before training, the suspicious model's vocabulary is scanned on
+            the clean dev data for tokens and phrases that flip it; during distillation a share of
+            the samples gets one inserted, their labels unchanged, and learns from the labels
+            alone (cross-entropy, no distillation terms). Not in the paper.
+        unlearn_tsft: insert the scan's suspects during TS-FT too (then the teacher unlearns them).
+        probe_fraction, probe_cacc_drop: when ``tsft_lr`` lists candidate rates, each trains a
+            copy of the suspicious model for ``probe_fraction`` of a TS-FT epoch; the largest
+            whose copy keeps the clean-dev accuracy within ``probe_cacc_drop`` points of the
+            suspicious model's (and does not collapse) is chosen.
+        max_cacc_drop, max_class_share: the collapse guard: a teacher or student that ends below
+            the suspicious model's dev CACC minus ``max_cacc_drop`` points, or that predicts one
+            class for ``max_class_share`` of dev (None: no such check), stops the run before
+            anything is exported.
         allow_pickle: allow pickled ``.bin`` weights (only for checkpoints you trust).
     """
 
@@ -71,6 +85,8 @@ class MBTSAD(pl.LightningModule):
         schedule: Literal["constant", "linear"] = "linear",
         warmup_ratio: float = 0.0,
         scan: TriggerScan | None = None,
+        unlearn_tsft: bool = False,
+        probe_cacc_drop: float = 1.5,
         max_cacc_drop: float = 5.0,
         max_class_share: float | None = 0.95,
         probe_fraction: float = 0.25,
@@ -162,25 +178,26 @@ class MBTSAD(pl.LightningModule):
     def _choose_tsft_lr(self, candidates: list[float]) -> None:
         """The largest TS-FT rate whose short probe (``probe_fraction`` of a TS-FT epoch from the
         suspicious model, on the same training data) keeps the clean-dev accuracy within
-        ``max_cacc_drop`` of the suspicious model's and predicts no class for more than
-        ``max_class_share`` of dev."""
+        ``probe_cacc_drop`` points of the suspicious model's and predicts no class for more
+        than ``max_class_share`` of dev."""
         dm = self.trainer.datamodule
         tried = []
+        bound = self.report["suspicious_dev"]["cacc"] - self.hparams.probe_cacc_drop
         for lr in candidates:
             start = time.perf_counter()
             probe = self._probe(lr)
             report = clean_report(probe, dm.dataset("dev"), dm.tokenizer.pad_token_id)
-            reason = collapse_reason(report, self.hparams.max_class_share, self.min_cacc)
+            reason = collapse_reason(report, self.hparams.max_class_share, bound)
             tried.append({"lr": lr, **report, "accepted": reason is None, "seconds": round(time.perf_counter() - start, 1)})
             log.info("TS-FT rate %g: dev CACC %.2f, class shares %s -> %s", lr, report["cacc"], report["shares"], reason or "accepted")
             del probe
             if reason is None:
                 break
-        self.report["tsft_lr_choice"] = {"candidates": candidates, "tried": tried, "min_cacc": self.min_cacc}
+        self.report["tsft_lr_choice"] = {"candidates": candidates, "tried": tried, "min_cacc": bound}
         chosen = next((t["lr"] for t in tried if t["accepted"]), None)
         if chosen is None:
             raise CollapseError(
-                f"no TS-FT rate among {candidates} keeps the clean dev accuracy above {self.min_cacc:.2f} "
+                f"no TS-FT rate among {candidates} keeps the clean dev accuracy above {bound:.2f} "
                 f"without collapsing (probes: {[(t['lr'], t['cacc']) for t in tried]}); give lower model.tsft_lr candidates"
             )
         self.report["tsft_lr_choice"]["chosen"] = chosen
@@ -195,8 +212,8 @@ class MBTSAD(pl.LightningModule):
         for step, batch in zip(range(steps), loader):
             torch.manual_seed(self.trainer.max_epochs * 1_000_003 + step)  # dropout, as seed_step does
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            if self.scan is not None:
-                batch = self.scan.unlearning_batch(batch, self._suspect_ids(), step, dm.tokenizer.pad_token_id)
+            if self.scan is not None and hp.unlearn_tsft:
+                batch, _ = self.scan.unlearning_batch(batch, self._suspect_ids(), step, dm.tokenizer.pad_token_id)
             loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
             opt.zero_grad()
             loss.backward()
@@ -233,15 +250,16 @@ class MBTSAD(pl.LightningModule):
         start = time.perf_counter()
         suspects, rows = self.scan(self.suspicious, dm.tokenizer, dm.examples("dev"), dm.examples("dev") + dm.clean_subset)
         self.report["trigger_scan"] = {
-            "settings": self.scan.settings(), "suspects": [s.token for s in suspects],
-            "suspect_ids": [s.token_id for s in suspects], "verified": rows,
+            "settings": self.scan.settings(), "suspects": [s.text for s in suspects],
+            "suspect_ids": [list(s.token_ids) for s in suspects], "verified": rows,
             "seconds": round(time.perf_counter() - start, 1),
         }
-        log.info("trigger scan: %d suspect tokens %s (%.0f s)", len(suspects), [s.token for s in suspects],
+        log.info("trigger scan: %d suspects %s (%.0f s)", len(suspects), [s.text for s in suspects],
                  self.report["trigger_scan"]["seconds"])
 
-    def _suspect_ids(self) -> torch.Tensor:
-        return torch.tensor(self.report.get("trigger_scan", {}).get("suspect_ids", []), dtype=torch.long)
+    def _suspect_ids(self) -> list[list[int]]:
+        """The suspects' token ids (one list per token or phrase)."""
+        return self.report.get("trigger_scan", {}).get("suspect_ids", [])
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["mitigate_report"] = self.report
@@ -281,26 +299,40 @@ class MBTSAD(pl.LightningModule):
     # -- training -------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         (opt_t, opt_s), (sched_t, sched_s) = self.optimizers(), self.lr_schedulers()
-        if self.scan is not None:
-            batch = self.scan.unlearning_batch(batch, self._suspect_ids(), self.global_step, self.trainer.datamodule.tokenizer.pad_token_id)
         n = len(batch["labels"])
+        unlearn = self.scan is not None and (not self.in_tsft or self.hparams.unlearn_tsft)
+        if unlearn:  # suspects inserted into some rows, labels unchanged
+            pad = self.trainer.datamodule.tokenizer.pad_token_id
+            batch, rows = self.scan.unlearning_batch(batch, self._suspect_ids(), self.global_step, pad)
+        else:
+            rows = torch.zeros(n, dtype=torch.bool, device=batch["labels"].device)
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         if self.in_tsft:
             loss = self.teacher(input_ids=ids, attention_mask=mask, labels=labels).loss
             opt, sched = opt_t, sched_t
             self.log("train/tsft_loss", loss, prog_bar=True, batch_size=n)
         else:
-            lf = self.distillation_loss
-            kw = dict(
-                input_ids=ids, attention_mask=mask,
-                output_attentions=lf.needs_attentions, output_hidden_states=lf.needs_hidden_states,
-            )
-            with torch.no_grad():
-                t_out = self.teacher(**kw)
-            terms = lf(t_out, self.model(**kw), labels, mask)
-            loss, opt, sched = terms["loss"], opt_s, sched_s
+            # rows with an inserted suspect learn from their labels only: the teacher's attention
+            # and hidden states on them may still carry the backdoor
+            keep, lf = ~rows, self.distillation_loss
+            at = hid = ce_k = ce_u = torch.zeros((), device=ids.device)
+            if keep.any():
+                width = int(mask[keep].sum(1).max())  # the inserted rows' extra columns are not needed
+                k_ids, k_mask = ids[keep, :width], mask[keep, :width]
+                kw = dict(input_ids=k_ids, attention_mask=k_mask,
+                          output_attentions=lf.needs_attentions, output_hidden_states=lf.needs_hidden_states)
+                with torch.no_grad():
+                    t_out = self.teacher(**kw)
+                terms = lf(t_out, self.model(**kw), labels[keep], k_mask)
+                at, hid, ce_k = terms["at"], terms["hid"], terms["ce"]
+            if rows.any():
+                ce_u = self.model(input_ids=ids[rows], attention_mask=mask[rows], labels=labels[rows]).loss
+                self.log("train/unlearn_ce", ce_u, batch_size=int(rows.sum()))
+            ce = (ce_k * int(keep.sum()) + ce_u * int(rows.sum())) / n
+            loss = lf.alpha * at + lf.beta * hid + ce
             self.log("train/loss", loss, prog_bar=True, batch_size=n)
-            self.log_dict({f"train/{k}": terms[k] for k in ("at", "hid", "ce")}, batch_size=n)
+            self.log_dict({"train/at": at, "train/hid": hid, "train/ce": ce}, batch_size=n)
+            opt, sched = opt_s, sched_s
         opt.zero_grad()
         self.manual_backward(loss)
         opt.step()
