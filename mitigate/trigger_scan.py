@@ -212,7 +212,7 @@ def scan_vocabulary(
             top = order[: min(top_k, len(order))]
             # the neutral words, on more carriers (they are few)
             index = {t: j for j, t in enumerate(candidates)}
-            pool_j = [index[t] for t in neutral if t in index]
+            pool_j = [index[t] for t in neutral if t in index] if phrase_length > 1 else []
             more = sorted(short, key=lambda i: float(probs[i, c]))[:seed_carriers]
             seed_score = carrier_scores(model, [tokenizer(texts[i])["input_ids"] for i in more], [[candidates[j]] for j in pool_j],
                                         c, max(batch_size, 512)) if pool_j else torch.empty(0)

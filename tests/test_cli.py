@@ -49,6 +49,15 @@ def test_fit_writes_results_checkpoints_config_and_export(tmp_path, tiny_bert, s
     assert hparams["tokenizer"] == str(tiny_bert)  # linked from the model
     metrics = next(root.glob("lightning_logs/version_*/metrics.csv")).read_text()
     assert "val/cacc" in metrics and "val/asr" in metrics
+    # figures next to results.md, linked from it
+    for png in ("cacc_asr.png", "validation.png"):
+        assert (root / png).stat().st_size > 5000 and f"]({png})" in table
+    # the exported folder carries a model card: a YAML header, what was done, the results
+    card = (root / "model" / "README.md").read_text()
+    header = yaml.safe_load(card.split("---")[1])
+    assert "research-victim" in header["tags"] and header["pipeline_tag"] == "text-classification"
+    assert "BACKDOORED research victim" in card and "BadNet(" in card
+    assert f"| this model | {100 * results['test/cacc']:.2f} | {100 * results['test/asr']:.2f} |" in card
     # the export is itself a checkpoint that mitigate loads
     exported = load_classifier(str(root / "model"))
     assert (root / "model" / "model.safetensors").is_file() and (root / "model" / "tokenizer.json").is_file()
@@ -69,14 +78,12 @@ def test_test_subcommand_on_exported_model_reproduces_metrics(tmp_path, tiny_ber
 
 
 def test_same_seed_twice_gives_identical_weights_and_metrics(tmp_path, tiny_bert, sst2_small):
-    from tests.test_resume_and_ddp import assert_same_weights
+    from tests.test_resume_and_ddp import assert_same_weights, results
 
     for name in ("a", "b"):
         main(fit_args(tiny_bert, sst2_small, tmp_path / name, "--trainer.max_epochs", "1"))
     assert_same_weights(tmp_path / "a" / "model", tmp_path / "b" / "model")
-    a, b = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("a", "b"))
-    a.pop("test/wall_s"), b.pop("test/wall_s")
-    assert a == b
+    assert results(tmp_path / "a") == results(tmp_path / "b")
 
 
 def test_print_config_round_trips(tmp_path, tiny_bert, sst2_small):
@@ -111,6 +118,9 @@ def test_wandb_offline_records_cacc_and_asr(tmp_path, tiny_bert, sst2_small, mon
     main(fit_args(tiny_bert, sst2_small, root, "--trainer.max_epochs", "1", "--wandb_project", "mitigate-test"))
     runs = list(Path(root).glob("wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == 1
+    # the figures went to W&B as images
+    assert b"figures" in runs[0].read_bytes()
+    assert len(list(runs[0].parent.glob("files/media/images/figures_*.png"))) == 2
     logged = wandb_history(runs[0].read_bytes(), ["test/cacc", "test/asr", "val/cacc", "val/asr"])
     results = json.loads((root / "results.json").read_text())
     assert logged["test/cacc"] == pytest.approx(results["test/cacc"])
@@ -146,3 +156,14 @@ def test_predict_writes_one_row_per_test_sentence_in_order(tmp_path, tiny_bert, 
     for r in rows:
         p0, p1 = float(r["p0"]), float(r["p1"])
         assert abs(p0 + p1 - 1) < 1e-4 and int(r["pred"]) == int(p1 > p0)
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, tiny_bert, sst2_small):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mitigate", *fit_args(tiny_bert, sst2_small, tmp_path / "run", "--progress_log.every_s", "0")],
+        capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "mitigate.progress" in line]
+    assert any("train: epoch 1/2, step 1/16" in line and "samples/s" in line and "left" in line for line in lines), lines[:3]
+    assert any(line.split("progress: ")[1].startswith("end of epoch 2/2, step 16/16 (100%)") for line in lines), lines[-3:]

@@ -65,6 +65,12 @@ def defended(tmp_path_factory, tiny_bert, sst2_small, tiny_lm_dir):
     return tmp / "run"
 
 
+def test_detection_defenses_plot_their_scores_with_the_threshold(defended):
+    for name in ("rap", "strip"):
+        assert (defended / f"defense_{name}.png").stat().st_size > 5000
+        assert f"(defense_{name}.png)" in (defended / "results.md").read_text()
+
+
 def test_recipe_runs_all_four_defenses_and_reports_them_in_one_table(defended):
     r = load_results(defended)
     for name, metrics in {

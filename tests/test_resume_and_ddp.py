@@ -28,7 +28,7 @@ def results(root):
 
     def drop_timings(x):
         if isinstance(x, dict):
-            return {k: drop_timings(v) for k, v in x.items() if k not in ("test/wall_s", "seconds")}
+            return {k: drop_timings(v) for k, v in x.items() if k not in ("test/wall_s", "seconds", "fit_wall_s")}
         return [drop_timings(v) for v in x] if isinstance(x, list) else x
 
     return drop_timings(json.loads((root / "results.json").read_text()))

@@ -73,8 +73,10 @@ def report_sections(report: dict) -> list[str]:
             lines.append(f"| {r['text']} | {r['label']} | {100 * r['flip_rate']:.1f} | {r['carrier_score']:.3f} | "
                          f"{r['clean_count']} | {100 * r['clean_share']:.0f} | {'yes' if r['suspect'] else ''} |")
         lines.append("")
+    if "fit_wall_s" in report:
+        lines += [f"Training wall time (`fit`, this process): {report['fit_wall_s']} s.", ""]
     for key, value in report.items():
-        if key != "trigger_scan":
+        if key not in ("trigger_scan", "fit_wall_s"):
             lines += [f"## {key}", "", "```", json.dumps(value, indent=2), "```", ""]
     return lines
 
@@ -117,6 +119,12 @@ class ResultsWriter(pl.Callback):
         self.dirpath = dirpath
         self._start = 0.0
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_s = round(time.perf_counter() - self._fit_start, 1)
+
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.perf_counter()
 
@@ -128,9 +136,12 @@ class ResultsWriter(pl.Callback):
         dirpath.mkdir(parents=True, exist_ok=True)
         row_names = getattr(pl_module, "report_rows", None)
         pngs = figures(results, dirpath, trainer, row_names)
+        report = dict(getattr(pl_module, "report", None) or {})
+        if getattr(self, "_fit_s", None) is not None:  # the fit of this process (resumed: since the resume)
+            report["fit_wall_s"] = self._fit_s
         write_results(
             {**results, "test/wall_s": wall}, dirpath, title=type(pl_module).__name__,
-            row_names=row_names, report=getattr(pl_module, "report", None), figures=[p.name for p in pngs],
+            row_names=row_names, report=report or None, figures=[p.name for p in pngs],
         )
         for lg in trainer.loggers:
             if type(lg).__name__ == "WandbLogger" and pngs:

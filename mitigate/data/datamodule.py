@@ -29,7 +29,7 @@ from mitigate.data.io import (
 from mitigate.data.poisoners import Poisoner
 from mitigate.data.sampling import LengthSortedSampler, ResumableDataLoader, SeededShuffleSampler
 from mitigate.data.token_split import TokenSplit
-from mitigate.models.loading import load_tokenizer
+from mitigate.models.loading import load_tokenizer, looks_like_path
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ def load_splits(path: str, text_column: str, label_column: str) -> tuple[dict[st
     if folder is not None:
         files = {s: find_split_file(folder, s) for s in SPLITS}
         return {s: read_examples(f, text_column, label_column) for s, f in files.items()}, {s: str(f) for s, f in files.items()}
+    if looks_like_path(path):
+        raise DataError(f"data.path {path!r}: not a folder (nor a name under $MITIGATE_DATA_DIR = {data_root()})")
     try:
         import datasets  # optional
     except ImportError:
