@@ -3,6 +3,8 @@ attack's trigger knowledge (the run's poisoner), which no method of the toolkit 
 
 For the suspicious model (victim), the teacher (DIR/teacher) and the student (DIR/model) of an
 MBTSAD run, on the run's poisoned and clean test sets:
+  0. what the ASR is made of: the share of the same samples predicted as the target without the
+     trigger (the model's own floor) and the share the trigger itself flips;
   1. ASR after resetting the trigger tokens' input-embedding rows to the pre-trained model's;
   2. how far those rows moved from the pre-trained ones (cosine, norm ratio);
   3. attention mass on the trigger sub-tokens per layer (attention received, averaged over
@@ -62,6 +64,16 @@ def accuracy(model, ds, pad_id: int) -> float:
     for b in batches(ds, pad_id):
         hits += int((model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.argmax(-1) == b["labels"]).sum())
     return 100.0 * hits / max(1, len(ds))
+
+
+def predictions(model, ds, pad_id: int) -> torch.Tensor:
+    """Predicted class of every sample of ``ds``, in the dataset's order."""
+    order = sorted(range(len(ds)), key=lambda i: len(ds.input_ids[i]))
+    out = torch.empty(len(ds), dtype=torch.long)
+    for k, b in enumerate(batches(ds, pad_id)):
+        idx = order[k * 64 : (k + 1) * 64]
+        out[idx] = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.argmax(-1)
+    return out
 
 
 def attention_mass(model, ds, pad_id: int) -> list[float]:
@@ -135,6 +147,22 @@ def main() -> None:
            f"Models: {paths}. Reference (pre-trained): {args.reference}. Test sets: {len(clean)} clean, "
            f"{len(poisoned)} poisoned. Trigger words {words} -> sub-tokens {tok.convert_ids_to_tokens(ids)}.", ""]
 
+    # the poisoned test set is the non-target clean test samples, in order, each with a trigger
+    target = data.poisoner.target_label
+    sources = [i for i, e in enumerate(clean.examples) if e.label != target]
+    if len(sources) == len(poisoned):
+        out += ["## 0. What the ASR is made of", "",
+                "ASR counts every poisoned sample predicted as the target; a model also predicts some of the same "
+                "samples WITHOUT the trigger as the target (its own error on them). Flips = predicted as the target "
+                "with the trigger, not without: what the trigger itself does.", "",
+                "| model | ASR | target predicted without the trigger (own floor) | flipped by the trigger | trigger removed a target prediction |",
+                "| --- | --- | --- | --- | --- |"]
+        for name, m in models.items():
+            pc = predictions(m, clean, pad)[sources] == target
+            pp = predictions(m, poisoned, pad) == target
+            out.append(f"| {name} | {100 * pp.double().mean():.2f} | {100 * pc.double().mean():.2f} | "
+                       f"{100 * (pp & ~pc).double().mean():.2f} | {100 * (pc & ~pp).double().mean():.2f} |")
+        out.append("")
     out += ["## 1-2. Trigger input-embedding rows", "",
             "| model | CACC | ASR | ASR, trigger rows reset to pre-trained | min cosine to pre-trained row | norm ratio (min-max) |",
             "| --- | --- | --- | --- | --- | --- |"]
