@@ -125,7 +125,10 @@ def main() -> None:
     ap.add_argument("--reference", default="sentence-transformers/all-MiniLM-L6-v2", help="the pre-trained encoder")
     ap.add_argument("--max-samples", type=int, default=None, help="first N samples of each test set")
     ap.add_argument("--out", type=Path, help="also write the report here (Markdown)")
+    ap.add_argument("--sections", default="0,1,3,4,5",
+                    help="which sections to compute (comma-separated; 1 covers 1-2; '0' alone takes seconds per model)")
     args = ap.parse_args()
+    sections = {int(x) for x in args.sections.split(",")}
     torch.set_num_threads(torch.get_num_threads())
 
     config_file = max(args.run.glob("lightning_logs/version_*/config.yaml"))
@@ -150,7 +153,7 @@ def main() -> None:
     # the poisoned test set is the non-target clean test samples, in order, each with a trigger
     target = data.poisoner.target_label
     sources = [i for i, e in enumerate(clean.examples) if e.label != target]
-    if len(sources) == len(poisoned):
+    if 0 in sections and len(sources) == len(poisoned):
         out += ["## 0. What the ASR is made of", "",
                 "ASR counts every poisoned sample predicted as the target; a model also predicts some of the same "
                 "samples WITHOUT the trigger as the target (its own error on them). Flips = predicted as the target "
@@ -163,10 +166,11 @@ def main() -> None:
             out.append(f"| {name} | {100 * pp.double().mean():.2f} | {100 * pc.double().mean():.2f} | "
                        f"{100 * (pp & ~pc).double().mean():.2f} | {100 * (pc & ~pp).double().mean():.2f} |")
         out.append("")
-    out += ["## 1-2. Trigger input-embedding rows", "",
-            "| model | CACC | ASR | ASR, trigger rows reset to pre-trained | min cosine to pre-trained row | norm ratio (min-max) |",
-            "| --- | --- | --- | --- | --- | --- |"]
-    for name, m in models.items():
+    if 1 in sections:
+        out += ["## 1-2. Trigger input-embedding rows", "",
+                "| model | CACC | ASR | ASR, trigger rows reset to pre-trained | min cosine to pre-trained row | norm ratio (min-max) |",
+                "| --- | --- | --- | --- | --- | --- |"]
+    for name, m in models.items() if 1 in sections else ():
         rows = m.get_input_embeddings().weight
         cos = torch.nn.functional.cosine_similarity(rows[ids], ref_rows[ids], dim=-1)
         ratio = rows[ids].norm(dim=-1) / ref_rows[ids].norm(dim=-1)
@@ -176,26 +180,29 @@ def main() -> None:
                    f"| {cos.min():.4f} | {ratio.min():.3f}-{ratio.max():.3f} |")
         print(out[-1], file=sys.stderr, flush=True)
 
-    out += ["", "## 3. Attention mass on the trigger sub-tokens (poisoned test samples)", ""]
-    masses = {name: attention_mass(m, poisoned, pad) for name, m in models.items()}
-    n_layers = len(next(iter(masses.values())))
-    mean_len = sum(len(x) for x in poisoned.input_ids) / max(1, len(poisoned))
-    out += ["| layer | " + " | ".join(masses) + f" | 1/n (n = {mean_len:.1f}) |", "|---" * (len(masses) + 2) + "|"]
-    for layer in range(n_layers):
-        out.append(f"| {layer} | " + " | ".join(f"{masses[k][layer]:.3f}" for k in masses) + f" | {1 / mean_len:.3f} |")
+    if 3 in sections:
+        out += ["", "## 3. Attention mass on the trigger sub-tokens (poisoned test samples)", ""]
+        masses = {name: attention_mass(m, poisoned, pad) for name, m in models.items()}
+        n_layers = len(next(iter(masses.values())))
+        mean_len = sum(len(x) for x in poisoned.input_ids) / max(1, len(poisoned))
+        out += ["| layer | " + " | ".join(masses) + f" | 1/n (n = {mean_len:.1f}) |", "|---" * (len(masses) + 2) + "|"]
+        for layer in range(n_layers):
+            out.append(f"| {layer} | " + " | ".join(f"{masses[k][layer]:.3f}" for k in masses) + f" | {1 / mean_len:.3f} |")
 
-    out += ["", "## 4. The student with one part swapped for the teacher's", "",
-            "| swapped part | CACC | ASR |", "| --- | --- | --- |",
-            f"| none (the student) | {accuracy(models['student'], clean, pad):.2f} | {accuracy(models['student'], poisoned, pad):.2f} |"]
-    teacher_parts = parts(models["teacher"])
-    for name in parts(models["student"]):
-        hybrid = copy.deepcopy(models["student"])
-        parts(hybrid)[name].load_state_dict(teacher_parts[name].state_dict())
-        out.append(f"| {name} | {accuracy(hybrid, clean, pad):.2f} | {accuracy(hybrid, poisoned, pad):.2f} |")
-        print(out[-1], file=sys.stderr, flush=True)
+    if 4 in sections:
+        out += ["", "## 4. The student with one part swapped for the teacher's", "",
+                "| swapped part | CACC | ASR |", "| --- | --- | --- |",
+                f"| none (the student) | {accuracy(models['student'], clean, pad):.2f} | {accuracy(models['student'], poisoned, pad):.2f} |"]
+        teacher_parts = parts(models["teacher"])
+        for name in parts(models["student"]):
+            hybrid = copy.deepcopy(models["student"])
+            parts(hybrid)[name].load_state_dict(teacher_parts[name].state_dict())
+            out.append(f"| {name} | {accuracy(hybrid, clean, pad):.2f} | {accuracy(hybrid, poisoned, pad):.2f} |")
+            print(out[-1], file=sys.stderr, flush=True)
 
-    out += ["", "## 5. Dev CACC / ASR through training (the run's validations)", "", "| epoch | step | dev CACC | dev ASR |", "| --- | --- | --- | --- |"]
-    out += [f"| {r['epoch']} | {r['step']} | {r['cacc']:.2f} | {r['asr']:.2f} |" for r in curve(args.run)]
+    if 5 in sections:
+        out += ["", "## 5. Dev CACC / ASR through training (the run's validations)", "", "| epoch | step | dev CACC | dev ASR |", "| --- | --- | --- | --- |"]
+        out += [f"| {r['epoch']} | {r['step']} | {r['cacc']:.2f} | {r['asr']:.2f} |" for r in curve(args.run)]
     text = "\n".join(out) + "\n"
     print(text)
     if args.out:

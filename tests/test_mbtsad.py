@@ -206,3 +206,29 @@ def test_export_guard_refuses_a_collapsed_model(tmp_path, tiny_bert, sst2_small,
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 1 and "collapse guard: the trained model is not exported" in last
     assert not (root / "model").exists()
+
+
+def test_diagnosis_script_reports_every_section(tmp_path, tiny_bert, sst2_small, monkeypatch):
+    """scripts/diagnose_backdoor.py on a finished (tiny) MBTSAD run: every section has a row per
+    model / layer / part, with numbers; --sections 0 computes the floor decomposition alone."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "run"
+    main(mbtsad_args(tiny_bert, sst2_small, root, "--model.init_args.scan", "null"))
+    script = REPO / "scripts" / "diagnose_backdoor.py"
+    full = subprocess.run([sys.executable, str(script), str(root), "--reference", str(tiny_bert), "--out", str(tmp_path / "d.md")],
+                          capture_output=True, text=True, check=True, cwd=REPO).stdout
+    for title in ("## 0.", "## 1-2.", "## 3.", "## 4.", "## 5."):
+        assert title in full
+    rows = [line for line in full.splitlines() if line.startswith("| victim |") or line.startswith("| student |")]
+    assert len(rows) == 4 and all(any(ch.isdigit() for ch in r) for r in rows)  # sections 0 and 1-2
+    assert (tmp_path / "d.md").read_text() + "\n" == full  # print adds one line break
+    layers = [line for line in full.split("## 3.")[1].split("## 4.")[0].splitlines() if line[:3] in ("| 0", "| 1")]
+    assert len(layers) == 2  # two layers in the tiny model
+    floor_only = subprocess.run([sys.executable, str(script), str(root), "--reference", str(tiny_bert), "--sections", "0"],
+                                capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert "## 0." in floor_only and "## 1-2." not in floor_only and "## 4." not in floor_only
+    # the floor rows are the same numbers as in the full report
+    assert [r for r in floor_only.splitlines() if r.startswith("| victim |")][0] in full
