@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from mitigate.callbacks.progress import LogProgress
 from mitigate.guard import CollapseError, clean_report, collapse_reason
 from mitigate.losses import DistillationLoss
 from mitigate.metrics import BackdoorMetrics
@@ -209,6 +210,7 @@ class MBTSAD(pl.LightningModule):
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=hp.weight_decay)
         loader = dm.train_dataloader()
         steps = max(1, math.ceil(hp.probe_fraction * len(loader)))
+        bar = LogProgress(steps, f"TS-FT rate probe {lr:g}", enabled=self.trainer.is_global_zero)
         for step, batch in zip(range(steps), loader):
             torch.manual_seed(self.trainer.max_epochs * 1_000_003 + step)  # dropout, as seed_step does
             batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -218,6 +220,8 @@ class MBTSAD(pl.LightningModule):
             opt.zero_grad()
             loss.backward()
             opt.step()
+            bar.update()
+        bar.close()
         return model.eval()
 
     @property
