@@ -46,7 +46,8 @@ def main() -> None:
     print("\nEach cell: CACC / ASR (%) on the victim's test sets. ASR floor: the clean reference model's ASR on the "
           "same poisoned test set (a model that never saw the trigger also predicts some triggered inputs as the target).")
     for v in args.victims:
-        runs = [load(p) for p in sorted((Path(args.root) / v).glob("mbtsad*")) if load(p)]
+        root = Path(args.root) / v
+        runs = [load(p) for p in [root / "mbtsad", *sorted(root.glob("mbtsad_seed*"))] if load(p)]
         if len(runs) > 1:
             cacc = [100 * r["test/cacc"] for r in runs]
             asr = [100 * r["test/asr"] for r in runs]
