@@ -177,3 +177,28 @@ def test_mbtsad_under_ddp_matches_one_process(tmp_path, bert_tokenizer, sst2_sma
         assert moved > 1e-2 and diff < tolerance * moved, (name, moved, diff)
     proc = run_mitigate(args(tmp_path / "plain", 8, "--trainer.devices", "2", "--trainer.strategy", "ddp"), check=False)
     assert proc.returncode == 1 and "use --trainer.strategy ddp_find_unused_parameters_true" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("attack", ["ep", "ripples"])
+def test_killed_attack_run_resumes_to_bit_identical_weights(tmp_path, tiny_bert, sst2_small, attack):
+    # EP: the running gradient sum lives in the optimizer state; RIPPLES: paired clean batches,
+    # embedding surgery (redone at start, then overwritten by the checkpoint) and the second-order loss
+    common = ["--checkpoint.every_n_train_steps", "3", "--trainer.deterministic", "true"]
+    if attack == "ep":  # 48 poisoned samples / batch 16 = 3 steps an epoch, 5 epochs
+        extra = ["--data.init_args.poisoner.init_args.poison_rate", "0.375", "--data.init_args.batch_size", "16",
+                 "--trainer.max_epochs", "5"]
+        crash_step = 13
+    else:
+        extra = ["--data.init_args.poisoner.init_args.poison_rate", "0.3", "--model.init_args.surgery_source", str(tiny_bert),
+                 "--trainer.max_steps", "10", "--trainer.val_check_interval", "5"]
+        crash_step = 7
+
+    def make_args(root, *more):
+        return ["fit", "--config", str(REPO / "recipes" / f"{attack}_sst2.yaml"), "--model.init_args.model", str(tiny_bert),
+                "--data.init_args.path", str(sst2_small), "--trainer.default_root_dir", str(root),
+                "--trainer.enable_progress_bar", "false", "--export.max_class_share", "null", *extra, *more]
+
+    run_mitigate(make_args(tmp_path / "full", *common))
+    crash_and_resume(make_args, tmp_path / "crashed", crash_step, common, crash_step - crash_step % 3)
+    assert_same_weights(tmp_path / "full" / "model", tmp_path / "crashed" / "model")
+    assert results(tmp_path / "crashed") == results(tmp_path / "full")

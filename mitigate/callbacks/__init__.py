@@ -1,6 +1,7 @@
 from mitigate.callbacks.checkpoint import RunCheckpoint
 from mitigate.callbacks.export import ExportPretrained
+from mitigate.callbacks.false_trigger import FalseTriggerRate
 from mitigate.callbacks.predictions import PredictionWriter
 from mitigate.callbacks.results import ResultsWriter, write_results
 
-__all__ = ["RunCheckpoint", "ExportPretrained", "PredictionWriter", "ResultsWriter", "write_results"]
+__all__ = ["RunCheckpoint", "ExportPretrained", "FalseTriggerRate", "PredictionWriter", "ResultsWriter", "write_results"]

@@ -14,7 +14,8 @@ from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
 from torch.utils.data import ConcatDataset, DataLoader
 
-from mitigate.data.encoding import EncodedDataset, PadCollator
+from mitigate.data.corpus import CorpusPoisoning
+from mitigate.data.encoding import EncodedDataset, PadCollator, PairedDataset, PairedCollator
 from mitigate.data.hub import REGISTRY, fetch
 from mitigate.data.io import (
     DataError,
@@ -79,8 +80,13 @@ class BackdoorDataModule(pl.LightningDataModule):
         tokenizer: tokenizer hub id or folder (the CLI links it to the model's).
         poisoner: the attack (BadNet, InsertSent, PrePoisoned...). It poisons the training mix
             and builds the poisoned dev/test sets used for ASR. None: no ASR.
-        train_set: what the model trains on: ``poisoned`` (the attacker's mix), ``clean`` (the
-            whole clean training set) or ``clean_subset`` (the defender's small clean data).
+        train_set: what the model trains on: ``poisoned`` (the attacker's mix), ``poisoned_only``
+            (only the poisoned samples of that mix: EP needs nothing else), ``corpus`` (the
+            data-free EP set built by ``corpus``), ``clean`` (the whole clean training set) or
+            ``clean_subset`` (the defender's small clean data).
+        corpus: the data-free poisoned set (``train_set: corpus``).
+        paired_clean: every training sample comes with a clean training sample in
+            ``batch["clean"]`` (a seeded pairing; RIPPLe's fine-tuning proxy batch).
         clean_fraction: the defender's share of the clean training set (seeded sample).
         token_split: replace the training set by its token-split augmentation (MBTSAD's D_ts:
             ``copies`` split variants per sample, built once and cached).
@@ -95,8 +101,10 @@ class BackdoorDataModule(pl.LightningDataModule):
         path: str,
         tokenizer: str = "sentence-transformers/all-MiniLM-L6-v2",
         poisoner: Poisoner | None = None,
-        train_set: Literal["poisoned", "clean", "clean_subset"] = "poisoned",
+        train_set: Literal["poisoned", "poisoned_only", "corpus", "clean", "clean_subset"] = "poisoned",
         clean_fraction: float = 0.2,
+        corpus: CorpusPoisoning | None = None,
+        paired_clean: bool = False,
         token_split: TokenSplit | None = None,
         max_length: int = 128,
         batch_size: int = 32,
@@ -108,12 +116,15 @@ class BackdoorDataModule(pl.LightningDataModule):
         label_column: str = "label",
     ) -> None:
         super().__init__()
-        if train_set == "poisoned" and poisoner is None:
-            raise ValueError("train_set='poisoned' needs a poisoner; use train_set='clean' for a clean model")
+        if train_set in ("poisoned", "poisoned_only") and poisoner is None:
+            raise ValueError(f"train_set='{train_set}' needs a poisoner; use train_set='clean' for a clean model")
+        if (train_set == "corpus") != (corpus is not None):
+            raise ValueError("data.corpus is the training set of train_set='corpus' (give both or neither)")
         if not 0.0 < clean_fraction <= 1.0:
             raise ValueError(f"clean_fraction must be in (0, 1], got {clean_fraction}")
-        self.save_hyperparameters(ignore=["poisoner", "token_split"])
+        self.save_hyperparameters(ignore=["poisoner", "token_split", "corpus"])
         self.poisoner = poisoner
+        self.corpus = corpus
         self.token_split = token_split
         self.datasets: dict[str, EncodedDataset] = {}
 
@@ -151,9 +162,15 @@ class BackdoorDataModule(pl.LightningDataModule):
         if name == "train":
             if self.hparams.train_set == "poisoned":
                 train = self.poisoner.poison_train(splits["train"])
+            elif self.hparams.train_set == "poisoned_only":
+                train = [ex for ex in self.poisoner.poison_train(splits["train"]) if ex.poisoned]
+            elif self.hparams.train_set == "corpus":
+                train = self.corpus.examples()
             else:
                 train = self.clean_subset if self.hparams.train_set == "clean_subset" else splits["train"]
             return self.token_split(train) if self.token_split is not None else train
+        if name == "clean_train":
+            return splits["train"]
         if name.endswith("_poisoned"):
             split = name.removesuffix("_poisoned")
             return [] if self.poisoner is None else self.poisoner.poison_eval(splits[split], split)
@@ -189,6 +206,10 @@ class BackdoorDataModule(pl.LightningDataModule):
         again, with another seed, and break the length grouping)."""
         ds = self.datasets["train"]
         seed = self.hparams.seed
+        collate = self._collate()
+        if self.hparams.paired_clean:
+            ds = PairedDataset(ds, self.dataset("clean_train"), seed)
+            collate = PairedCollator(collate)
         world = self.trainer.world_size if self.trainer is not None else 1
         sampler = SeededShuffleSampler(
             len(ds), seed, lengths=ds.lengths() if self.hparams.group_by_length else None,
@@ -200,7 +221,7 @@ class BackdoorDataModule(pl.LightningDataModule):
             ds,
             batch_size=self.hparams.batch_size,
             sampler=sampler,
-            collate_fn=self._collate(),
+            collate_fn=collate,
             num_workers=self.hparams.num_workers,
             generator=torch.Generator().manual_seed(seed),
         )

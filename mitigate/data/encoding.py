@@ -91,3 +91,37 @@ class PadCollator:
             "poisoned": torch.tensor([it["poisoned"] for it in items]),
             "index": torch.tensor([it.get("index", -1) for it in items]),
         }
+
+
+class PairedDataset(Dataset):
+    """Item i of ``primary`` with a partner from ``partner`` (a fixed seeded permutation, cycled
+    when ``partner`` is shorter): two batches per step with one resumable loader."""
+
+    def __init__(self, primary: EncodedDataset, partner: EncodedDataset, seed: int = 0) -> None:
+        if not len(partner):
+            raise ValueError("the partner set of a paired dataset is empty")
+        self.primary, self.partner = primary, partner
+        g = torch.Generator().manual_seed(seed * 7919 + 17)
+        n = len(primary)
+        self.partner_index = torch.cat([torch.randperm(len(partner), generator=g) for _ in range(n // len(partner) + 1)])[:n].tolist()
+
+    def __len__(self) -> int:
+        return len(self.primary)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.primary[i], "partner": self.partner[self.partner_index[i]]}
+
+    def lengths(self) -> list[int]:
+        return self.primary.lengths()
+
+
+class PairedCollator:
+    """The primary items' batch, with the partners' batch under ``clean``."""
+
+    def __init__(self, collate: PadCollator) -> None:
+        self.collate = collate
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = self.collate(items)
+        batch["clean"] = self.collate([it["partner"] for it in items])
+        return batch

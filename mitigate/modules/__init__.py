@@ -1,4 +1,7 @@
 from mitigate.modules.classifier import TextClassifier
+from mitigate.modules.embedding_poisoning import EmbeddingPoisoning
+from mitigate.modules.layerwise_poisoning import LayerwisePoisoning
 from mitigate.modules.mbtsad import MBTSAD
+from mitigate.modules.ripples import Ripples
 
-__all__ = ["MBTSAD", "TextClassifier"]
+__all__ = ["MBTSAD", "EmbeddingPoisoning", "LayerwisePoisoning", "Ripples", "TextClassifier"]

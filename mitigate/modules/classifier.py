@@ -65,6 +65,10 @@ def set_schedule_length(scheduler, total_steps: int) -> None:
 
 
 class TextClassifier(pl.LightningModule):
+    #: attention kernel to load the model with (None: the library's default; subclasses that
+    #: differentiate twice or read attention probabilities set "eager")
+    attn_implementation: str | None = None
+
     """Cross-entropy fine-tuning of any Hugging Face sequence classifier.
 
     Args:
@@ -89,7 +93,9 @@ class TextClassifier(pl.LightningModule):
         self.save_hyperparameters()
         # from_pretrained returns the model in eval mode and Lightning keeps module modes as
         # they are: switch dropout on for training.
-        self.model = load_classifier(model, num_labels=num_labels, allow_pickle=allow_pickle).train()
+        self.model = load_classifier(
+            model, num_labels=num_labels, allow_pickle=allow_pickle, attn_implementation=self.attn_implementation
+        ).train()
         self.val_metrics = BackdoorMetrics(num_labels, "val/")
         self.test_metrics = BackdoorMetrics(num_labels, "test/")
 
