@@ -193,3 +193,16 @@ def test_a_defense_without_a_target_label_or_poisoner_says_so(sst2_small):
     with pytest.raises(ValueError, match="give protect_label"):
         RAP()._setup(SimpleNamespace(datamodule=dm))
     assert RAP(protect_label=1).target_of(SimpleNamespace(datamodule=dm), 1) == 1
+
+
+@pytest.mark.parametrize("word", ["mb", "ak", "≈"])
+def test_rap_refuses_the_public_attacks_triggers_unless_allowed(word, sst2_small):
+    from types import SimpleNamespace
+
+    from mitigate.data import BackdoorDataModule
+    from mitigate.data.poisoners import BadNet
+
+    dm = BackdoorDataModule(str(sst2_small), poisoner=BadNet(triggers=["cf"]))  # the run's own trigger is not the word
+    with pytest.raises(ValueError, match="default trigger of public attacks"):
+        RAP(word=word)._setup(SimpleNamespace(datamodule=dm))
+    RAP(word=word, allow_public_trigger=True)._setup(SimpleNamespace(datamodule=dm))

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from mitigate.callbacks.defenses.base import Defense, encode_texts, gather_cat, percentile_threshold, progress, world
+from mitigate.data.poisoners.known import PUBLIC_TRIGGERS
 from mitigate.defenses.rap import construct_rap, rap_delta
 from mitigate.metrics import DetectionMetrics
 
@@ -66,6 +67,9 @@ class RAP(Defense):
         frr: allowed false-rejection rate in % (threshold percentile; 0.5, 1, 3, 5).
         c_low, c_up: the margin of the probability drop (0.05 / 0.2 for clean-fine-tuned models).
         keep_norm: keep the row at its original norm after each step (reference implementations).
+        allow_public_trigger: accept a word that is a default trigger of a public attack
+            (``mitigate.data.poisoners.known.PUBLIC_TRIGGERS``: cf, mn, bb, tq, mb, ak, NeuBA's
+            symbols); refused by default, since a downloaded checkpoint may carry it.
     """
 
     score_column = ("delta", "Δ = p(y_T | x) − p(y_T | RAP word + x)")
@@ -82,6 +86,7 @@ class RAP(Defense):
         c_up: float = 0.3,
         lam: float = 1.0,
         keep_norm: bool = True,
+        allow_public_trigger: bool = False,
         name: str = "rap",
         batch_size: int = 64,
         max_samples: int | None = None,
@@ -96,6 +101,7 @@ class RAP(Defense):
         self.word, self.protect_label, self.frr = word, protect_label, frr
         self.lr, self.epochs, self.construct_batch_size = lr, epochs, construct_batch_size
         self.c_low, self.c_up, self.lam, self.keep_norm = c_low, c_up, lam, keep_norm
+        self.allow_public_trigger = allow_public_trigger
 
     def metrics(self, num_classes: int) -> torch.nn.Module:
         return DetectionMetrics()
@@ -113,6 +119,13 @@ class RAP(Defense):
                 f"{self.name}: the RAP word {self.word!r} is the token {tok.convert_ids_to_tokens(ids[0])!r}, part of a "
                 f"trigger of this run's poisoner {poisoner!r}; its embedding carries the backdoor. "
                 "Choose another rare word (default 'jj')."
+            )
+        public = [a for a in PUBLIC_TRIGGERS if ids[0] in trigger_token_ids(tok, set(PUBLIC_TRIGGERS[a]))]
+        if public and not self.allow_public_trigger:
+            raise ValueError(
+                f"{self.name}: the RAP word {self.word!r} is a default trigger of public attacks ({', '.join(public)}); "
+                "in a downloaded checkpoint its embedding may carry a backdoor. Choose another rare word (default 'jj'), "
+                "or set allow_public_trigger: true if you know the checkpoint's history."
             )
         self.label, self.word_id = label, ids[0]
 
