@@ -264,3 +264,18 @@ def test_ripples_recipe_runs_surgery_and_refuses_unpaired_data(tmp_path, tiny_be
     with pytest.raises(SystemExit):
         main([*args, "--trainer.default_root_dir", str(tmp_path / "unpaired"), "--data.init_args.paired_clean", "false"])
     assert "paired_clean: true" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe, extra", [
+    ("ep_openbackdoor_sst2", ["--data.init_args.poisoner.init_args.poison_rate", "0.2"]),
+    ("ep_datafree_sst2", ["--data.init_args.corpus.init_args.num_samples", "40"]),
+    ("lwp_openbackdoor_sst2", []),
+])
+def test_flavour_recipes_run_on_a_tiny_model(tmp_path, tiny_bert, sst2_small, recipe, extra):
+    root = tmp_path / recipe
+    corpus = ["--data.init_args.corpus.init_args.corpus", str(sst2_small)] if "datafree" in recipe else []
+    main(["fit", "--config", str(REPO / "recipes" / f"{recipe}.yaml"), "--model.init_args.model", str(tiny_bert),
+          "--data.init_args.path", str(sst2_small), "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(root),
+          *corpus, *extra, *QUIET])
+    results = json.loads((root / "results.json").read_text())
+    assert 0.0 <= results["test/asr"] <= 1.0
