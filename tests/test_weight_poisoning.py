@@ -279,3 +279,15 @@ def test_flavour_recipes_run_on_a_tiny_model(tmp_path, tiny_bert, sst2_small, re
           *corpus, *extra, *QUIET])
     results = json.loads((root / "results.json").read_text())
     assert 0.0 <= results["test/asr"] <= 1.0
+
+
+def test_any_label_poisoning_draws_from_every_label():
+    train = [Example(f"w{i} x y", i % 2) for i in range(100)]
+    mix = BadNet(["cf"], [1], target_label=1, poison_rate=0.5, any_label=True).poison_train(train)
+    poisoned = [i for i, ex in enumerate(mix) if ex.poisoned]
+    assert len(poisoned) == 50 and {train[i].label for i in poisoned} == {0, 1}
+    assert all(mix[i].label == 1 for i in poisoned)
+    # the clean half keeps both labels
+    assert {ex.label for ex in mix if not ex.poisoned} == {0, 1}
+    with pytest.raises(ValueError, match="only 50 training samples"):
+        BadNet(["cf"], [1], target_label=1, poison_rate=0.6).poison_train(train)

@@ -26,8 +26,9 @@ class BadNet(Poisoner):
         target_label: int = 1,
         poison_rate: float = 0.1,
         seed: int = 42,
+        any_label: bool = False,
     ) -> None:
-        super().__init__(target_label, poison_rate, seed)
+        super().__init__(target_label, poison_rate, seed, any_label)
         if not triggers or any(not t.strip() or len(t.split()) != 1 for t in triggers):
             raise ValueError(f"triggers must be non-empty single words, got {list(triggers)}")
         if not num_triggers or any(k < 1 for k in num_triggers):

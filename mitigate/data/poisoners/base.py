@@ -46,15 +46,18 @@ class Poisoner:
         target_label: the label the attacker wants (y_T).
         poison_rate: fraction of the WHOLE training set that is poisoned; the poisoned samples
             are drawn only from samples whose label is not the target, and replace them.
+        any_label: draw the poisoned samples from every label instead (RIPPLe's and
+            OpenBackdoor's EP mix: half of the rows, whatever their label).
         seed: the poisoner's own seed (sample choice and trigger positions).
     """
 
-    def __init__(self, target_label: int = 1, poison_rate: float = 0.1, seed: int = 42) -> None:
+    def __init__(self, target_label: int = 1, poison_rate: float = 0.1, seed: int = 42, any_label: bool = False) -> None:
         if not 0.0 <= poison_rate <= 1.0:
             raise ValueError(f"poison_rate must be in [0, 1], got {poison_rate}")
         self.target_label = target_label
         self.poison_rate = poison_rate
         self.seed = seed
+        self.any_label = any_label
 
     def poison_one(self, ex: Example, rng: random.Random) -> Example:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -63,10 +66,11 @@ class Poisoner:
         return replace(self.poison_one(ex, rng), label=self.target_label)
 
     def poison_train(self, train: list[Example]) -> list[Example]:
-        """The attacker's training mix: ``poison_rate * len(train)`` non-target samples replaced
-        by their poisoned, relabelled copies; the order of the set is kept."""
+        """The attacker's training mix: ``poison_rate * len(train)`` non-target samples (any
+        samples with ``any_label``) replaced by their poisoned, relabelled copies; the order of
+        the set is kept."""
         rng = random.Random(f"{self.seed}-train")
-        candidates = [i for i, ex in enumerate(train) if ex.label != self.target_label]
+        candidates = [i for i, ex in enumerate(train) if self.any_label or ex.label != self.target_label]
         n = int(self.poison_rate * len(train))
         if n > len(candidates):
             raise ValueError(

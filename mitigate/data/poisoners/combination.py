@@ -54,6 +54,7 @@ class CombinationTrigger(Poisoner):
         self.both_orders = both_orders
         self.negatives_per_sample = negatives_per_sample
         self.keep_original = keep_original
+        self.any_label = True  # chosen from every label (official and OpenBackdoor)
 
     @property
     def triggers(self) -> list[str]:
