@@ -134,6 +134,14 @@ def load_classifier(
     return _load(AutoModelForSequenceClassification, name_or_path, allow_pickle, **kwargs)
 
 
+def load_reference(name_or_path: str, num_labels: int, allow_pickle: bool = False) -> tuple[PreTrainedModel, list[str]]:
+    """The clean pre-trained checkpoint a defense compares the suspicious model with, as the same
+    classifier class (a fresh head when it is an encoder), and the parameter names the
+    checkpoint did not hold (those were initialised at random)."""
+    model, info = _load(AutoModelForSequenceClassification, name_or_path, allow_pickle, num_labels=num_labels, output_loading_info=True)
+    return model.eval(), list(info.get("missing_keys", []))
+
+
 def check_num_labels(name_or_path: str, num_labels: int) -> None:
     """A trained classification head must have the data's number of classes (a bare encoder
     gets a new head of that size)."""

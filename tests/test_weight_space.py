@@ -1,0 +1,216 @@
+"""The weight-space mitigations (ATTACKS-AND-BASELINES.md sections 7-10) on tiny models: each
+exact invariant, the hand-computed formulas, and each recipe end to end on a slice of SST-2."""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertForSequenceClassification
+
+from mitigate import weight_space as ws
+from mitigate.cli import main
+from tests.conftest import REPO
+
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--export.max_class_share", "null"]
+
+
+def tiny(seed=0, vocab=100, layers=2):
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                                                    intermediate_size=64, num_labels=2, max_position_embeddings=64))
+
+
+def batches(n=2, bs=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(5, 100, (bs, 7), generator=g), "attention_mask": torch.ones(bs, 7, dtype=torch.long),
+             "labels": torch.randint(0, 2, (bs,), generator=g)} for _ in range(n)]
+
+
+def test_reinit_touches_only_the_last_layers_with_the_init_distribution():
+    model = tiny()
+    with torch.no_grad():  # make every weight far from its init so re-initialisation is visible
+        for p in model.parameters():
+            p.add_(0.5)
+    before = copy.deepcopy(model.state_dict())
+    names = ws.reinit_last_layers(model, 1)
+    after = model.state_dict()
+    assert names and all(n.startswith("bert.encoder.layer.1.") for n in names)
+    for n in before:
+        if n.startswith("bert.encoder.layer.1."):
+            if n.endswith("LayerNorm.weight"):
+                assert torch.equal(after[n], torch.ones_like(after[n]))
+            elif n.endswith("bias"):
+                assert torch.equal(after[n], torch.zeros_like(after[n]))
+            elif after[n].dim() == 2:
+                assert abs(float(after[n].std()) - 0.02) < 0.2 * 0.02
+        else:
+            assert torch.equal(before[n], after[n]), n
+
+
+def test_pruned_units_follow_the_activation_ranking_and_stay_zero_through_fine_tuning():
+    model = tiny()
+    inter = model.bert.encoder.layer[-1].intermediate
+    known = torch.arange(64, dtype=torch.float32).flip(0)  # unit j has activation 63 - j
+
+    handle = inter.register_forward_hook(lambda m, i, o: known.expand_as(o).clone())
+    scores = ws.ffn_activation_scores(model, batches())
+    handle.remove()
+    assert torch.allclose(scores[-1], known)
+    units = ws.pruned_units(scores, 0.25, "last")
+    assert units == {1: list(range(48, 64))}  # the 16 lowest activations
+    ws.apply_ffn_mask(model, units)
+    outs = []
+    h = inter.register_forward_hook(lambda m, i, o: outs.append(o))
+    b = batches(1)[0]
+    model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    assert torch.equal(outs[-1][..., 48:], torch.zeros_like(outs[-1][..., 48:]))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        loss = model(**b).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ws.apply_ffn_mask(model, units)
+    model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    h.remove()
+    assert torch.equal(outs[-1][..., 48:], torch.zeros_like(outs[-1][..., 48:]))
+    assert outs[-1][..., :48].abs().sum() > 0
+
+
+def test_fine_mix_endpoints_exact_fraction_and_head_untouched():
+    ft, pre = tiny(1), tiny(2)
+    ref = ws.reference_state(ft, pre)
+    assert set(ref) == {n for n, _ in ft.named_parameters() if not n.startswith("classifier.")}
+    for rho in (0.0, 1.0, 0.3):
+        m = copy.deepcopy(ft)
+        ws.fine_mix(m, ref, rho, seed=0)
+        for n, p in m.named_parameters():
+            if n.startswith("classifier."):
+                assert torch.equal(p, dict(ft.named_parameters())[n])
+                continue
+            differ = dict(ft.named_parameters())[n] != ref[n]  # (the padding row is 0 in both)
+            kept = (p == dict(ft.named_parameters())[n]) & differ
+            if rho == 1.0:
+                assert torch.equal(p, dict(ft.named_parameters())[n])
+            elif rho == 0.0:
+                assert torch.equal(p, ref[n])
+            else:
+                same = int((~differ).sum())
+                assert int(0.3 * p.numel()) - same - 1 <= int(kept.sum()) <= int(0.3 * p.numel()) + 1, n
+
+
+def test_reference_mismatch_is_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"does not match the suspicious model: .*shape"):
+        ws.reference_state(tiny(), BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=48, max_position_embeddings=64)))
+    with pytest.raises(ValueError, match="is not in it"):
+        ws.reference_state(tiny(layers=3), tiny(layers=2))
+
+
+def test_epur_resets_the_rare_row_that_moved_and_never_special_tokens():
+    pre = tiny(1)
+    ft = copy.deepcopy(pre)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        emb = ft.get_input_embeddings().weight
+        emb.add_(0.01 * torch.randn(emb.shape, generator=g))
+        emb[42] += 5.0
+        emb[0] += 100.0  # a special token moved most of all: never reset
+    ref = ws.reference_state(ft, pre)
+    counts = torch.full((100,), 1000)
+    counts[42] = 1
+    rows = ws.epur_rows(ft, ref, counts, top_n=10, min_freq=20, protected=[0, 1, 2])
+    assert rows[0] == 42 and len(rows) == 10 and not {0, 1, 2} & set(rows)
+    emb = ft.get_input_embeddings().weight
+    assert torch.equal(emb[42], pre.get_input_embeddings().weight[42])
+    changed = (emb != pre.get_input_embeddings().weight).any(1)
+    assert int((~changed).sum()) == 10
+
+
+def test_diagonal_fisher_matches_a_hand_loop():
+    model = tiny().eval()
+    bs = batches(2)
+    names = [n for n, _ in model.named_parameters() if not n.startswith("classifier.")]
+    fisher = ws.diagonal_fisher(model, bs, names)
+    params = dict(model.named_parameters())
+    hand = {n: torch.zeros_like(params[n]) for n in names}
+    for b in bs:
+        model.zero_grad()
+        F.cross_entropy(model(b["input_ids"], b["attention_mask"]).logits, b["labels"]).backward()
+        for n in names:
+            if params[n].grad is not None:
+                hand[n] += params[n].grad ** 2 / 2
+    for n in names:
+        assert torch.allclose(fisher[n], hand[n], atol=1e-6, rtol=1e-5), n
+
+
+def test_purify_endpoints_and_it_finds_drift_where_the_clean_loss_is_flat():
+    pre = tiny(1)
+    ref = ws.reference_state(pre, pre)
+    ft = copy.deepcopy(pre)
+    g = torch.Generator().manual_seed(0)
+    w = "bert.encoder.layer.0.intermediate.dense.weight"
+    with torch.no_grad():
+        for n, p in ft.named_parameters():
+            if n in ref:
+                p.add_(1e-3 * torch.randn(p.shape, generator=g))
+        dict(ft.named_parameters())[w][7, :3] += 0.05  # the "backdoor": moved, and...
+    fisher = {n: torch.ones_like(r) for n, r in ref.items()}
+    fisher[w][7, :3] = 1e-6  # ...the clean loss barely constrains it
+    scores = ws.purify_scores(ft, ref, fisher)
+    top = torch.topk(torch.cat([s.flatten() for s in scores.values()]), 3).indices
+    flat_names = [(n, i) for n, s in scores.items() for i in range(s.numel())]
+    assert {flat_names[int(i)] for i in top} == {(w, 7 * 32 + j) for j in range(3)}
+    # abs_drift ranks by size only: built so that a bigger, well-constrained drift wins there
+    with torch.no_grad():
+        dict(ft.named_parameters())[w][0, 0] += 0.5
+    drift = ws.purify_scores(ft, ref, fisher, "abs_drift")
+    assert float(drift[w][0, 0]) == max(float(s.max()) for s in drift.values())
+    assert int(torch.topk(ws.purify_scores(ft, ref, fisher)[w].flatten(), 1).indices) != 0
+    for rho, expect_pre in ((0.0, False), (1.0, True)):
+        m = copy.deepcopy(ft)
+        ws.purify(m, ref, ws.purify_scores(ft, ref, fisher), rho)
+        for n, p in m.named_parameters():
+            if n in ref:
+                assert torch.equal(p, ref[n] if expect_pre else dict(ft.named_parameters())[n]), n
+    m = copy.deepcopy(ft)
+    assert ws.purify(m, ref, scores, 0.001) == int(0.001 * sum(s.numel() for s in scores.values()))
+
+
+@pytest.mark.parametrize("recipe", ["reinit_sst2", "fine_pruning_sst2", "fine_mixing_sst2", "fine_purifying_sst2", "epur_sst2"])
+def test_weight_space_recipes_report_the_suspicious_and_cleaned_models(tmp_path, tiny_bert, sst2_small, recipe):
+    root = tmp_path / recipe
+    ref = [] if recipe in ("reinit_sst2", "fine_pruning_sst2") else ["--model.init_args.reference", str(tiny_bert)]
+    main(["fit", "--config", str(REPO / "recipes" / f"{recipe}.yaml"), "--model.init_args.model", str(tiny_bert),
+          "--data.init_args.path", str(sst2_small), "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(root),
+          *ref, *QUIET])
+    r = json.loads((root / "results.json").read_text())
+    for key in ("test/cacc", "test/asr", "test/suspicious/cacc", "test/suspicious/asr"):
+        assert 0.0 <= r[key] <= 1.0
+    assert "transform" in r["report"] and "suspicious_dev_cacc" in r["report"]
+    if recipe in ("fine_mixing_sst2", "fine_purifying_sst2"):
+        assert r["report"]["transform"]["tried"] and r["report"]["transform"]["rho"] in (0.2, 0.4, 0.6, 0.8, 0.1, 0.05)
+
+
+def test_fine_pruning_mask_holds_in_the_exported_model(tmp_path, tiny_bert, sst2_small):
+    from safetensors.torch import load_file
+
+    root = tmp_path / "fp"
+    main(["fit", "--config", str(REPO / "recipes" / "fine_pruning_sst2.yaml"), "--model.init_args.model", str(tiny_bert),
+          "--data.init_args.path", str(sst2_small), "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(root),
+          "--model.init_args.transform.init_args.prune_rate", "0.5", *QUIET])
+    w = load_file(root / "model" / "model.safetensors")
+    dense = w["bert.encoder.layer.1.intermediate.dense.weight"]
+    bias = w["bert.encoder.layer.1.intermediate.dense.bias"]
+    zero_rows = ((dense == 0).all(1) & (bias == 0)).sum()
+    assert int(zero_rows) == dense.shape[0] // 2
+
+
+def test_a_reference_of_another_architecture_is_refused(tmp_path, tiny_bert, tiny_roberta, sst2_small, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(REPO / "recipes" / "fine_mixing_sst2.yaml"), "--model.init_args.model", str(tiny_bert),
+              "--model.init_args.reference", str(tiny_roberta), "--data.init_args.path", str(sst2_small),
+              "--trainer.default_root_dir", str(tmp_path / "x"), *QUIET])
+    assert "does not match the suspicious model" in capsys.readouterr().err
