@@ -202,3 +202,37 @@ def test_killed_attack_run_resumes_to_bit_identical_weights(tmp_path, tiny_bert,
     crash_and_resume(make_args, tmp_path / "crashed", crash_step, common, crash_step - crash_step % 3)
     assert_same_weights(tmp_path / "full" / "model", tmp_path / "crashed" / "model")
     assert results(tmp_path / "crashed") == results(tmp_path / "full")
+
+
+def test_ep_under_ddp_matches_one_process(tmp_path, bert_tokenizer, sst2_small):
+    """EP with 2 CPU processes of 8 samples against one of 16 (no dropout): the trigger row's
+    all-reduced gradient is the single-process one, so the poisoned row ends the same (float
+    sums in another order) and every other weight stays bit-identical on both."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(bert_tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model_dir = tmp_path / "nodrop"
+    BertForSequenceClassification(config).save_pretrained(model_dir)
+    bert_tokenizer.save_pretrained(model_dir)
+
+    def args(root, batch, *extra):
+        return ["fit", "--config", str(REPO / "recipes" / "ep_sst2.yaml"), "--model.init_args.model", str(model_dir),
+                "--data.init_args.path", str(sst2_small), "--data.init_args.poisoner.init_args.poison_rate", "0.375",
+                "--data.init_args.batch_size", str(batch), "--trainer.max_epochs", "4", "--trainer.accelerator", "cpu",
+                "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+                "--export.max_class_share", "null", *extra]
+
+    run_mitigate(args(tmp_path / "single", 16, "--trainer.devices", "1"))
+    run_mitigate(args(tmp_path / "ddp", 8, "--trainer.devices", "2", "--trainer.strategy", "ddp"))
+    initial = load_file(model_dir / "model.safetensors")
+    a, b = load_file(tmp_path / "single" / "model" / "model.safetensors"), load_file(tmp_path / "ddp" / "model" / "model.safetensors")
+    row = bert_tokenizer.convert_tokens_to_ids("cf")
+    key = "bert.embeddings.word_embeddings.weight"
+    for k in a:
+        if k != key:
+            assert torch.equal(a[k], initial[k]) and torch.equal(b[k], initial[k]), k
+    moved = float((a[key][row] - initial[key][row]).norm())
+    diff = float((a[key][row] - b[key][row]).norm())
+    assert moved > 1e-4 and diff < 1e-3 * moved, (moved, diff)
