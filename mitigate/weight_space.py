@@ -45,9 +45,10 @@ def reference_state(model: nn.Module, reference: nn.Module, missing: Iterable[st
 
 @torch.no_grad()
 def reinit_last_layers(model: nn.Module, k: int = 1, pooler: bool = False, head: bool = False) -> list[str]:
-    """The last ``k`` transformer layers (and optionally the pooler and head) re-initialised with
-    the model's own ``_init_weights`` (Linear ~ N(0, initializer_range), bias 0, LayerNorm 1/0).
-    Returns the names of the parameters touched."""
+    """The last ``k`` transformer layers (and optionally the pooler and head) re-initialised as
+    BERT initialises them: Linear weights ~ N(0, config.initializer_range), biases 0, LayerNorm
+    weight 1 and bias 0. (Done here with torch.nn.init: transformers' own ``_init_weights`` skips
+    every tensor that was loaded from a checkpoint.) Returns the names of the parameters touched."""
     layers = model.base_model.encoder.layer
     if not 1 <= k <= len(layers):
         raise ValueError(f"reinit_layers must be in 1..{len(layers)}, got {k}")
@@ -56,10 +57,19 @@ def reinit_last_layers(model: nn.Module, k: int = 1, pooler: bool = False, head:
         modules.append(model.base_model.pooler)
     if head:
         modules.append(model.classifier)
+    std = model.config.initializer_range
     touched = set()
     for m in modules:
         for sub in m.modules():
-            model._init_weights(sub)
+            if isinstance(sub, nn.Linear):
+                nn.init.normal_(sub.weight, 0.0, std)
+                if sub.bias is not None:
+                    nn.init.zeros_(sub.bias)
+            elif isinstance(sub, nn.LayerNorm):
+                nn.init.ones_(sub.weight)
+                nn.init.zeros_(sub.bias)
+            elif any(True for _ in sub.parameters(recurse=False)):
+                raise TypeError(f"reinit: no initialisation rule for {type(sub).__name__}")
         touched |= {id(p) for p in m.parameters()}
     return [n for n, p in model.named_parameters() if id(p) in touched]
 

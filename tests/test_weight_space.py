@@ -28,11 +28,16 @@ def batches(n=2, bs=4, seed=0):
              "labels": torch.randint(0, 2, (bs,), generator=g)} for _ in range(n)]
 
 
-def test_reinit_touches_only_the_last_layers_with_the_init_distribution():
+def test_reinit_touches_only_the_last_layers_with_the_init_distribution(tmp_path):
+    from mitigate.models import load_classifier
+
     model = tiny()
     with torch.no_grad():  # make every weight far from its init so re-initialisation is visible
         for p in model.parameters():
             p.add_(0.5)
+    # loaded from a checkpoint, as a suspicious model is (transformers' own init skips loaded tensors)
+    model.save_pretrained(tmp_path / "m")
+    model = load_classifier(str(tmp_path / "m"))
     before = copy.deepcopy(model.state_dict())
     names = ws.reinit_last_layers(model, 1)
     after = model.state_dict()
