@@ -188,12 +188,13 @@ class EPUR:
             raise ValueError(f"top_n must be >= 1 and min_freq >= 2, got {top_n}, {min_freq}")
         self.top_n, self.min_freq = top_n, min_freq
 
-    def apply(self, ctx) -> dict:
-        dm = ctx.trainer.datamodule
-        counts = torch.zeros(ctx.model.get_input_embeddings().weight.shape[0], dtype=torch.long)
-        for ids in dm.dataset("train").input_ids:
+    def apply(self, model, reference: dict, dm) -> dict:
+        """Reset ``model``'s rows; token frequencies from the data module's clean subset (the
+        defender's data, before any augmentation)."""
+        counts = torch.zeros(model.get_input_embeddings().weight.shape[0], dtype=torch.long)
+        for ids in dm.tokenizer([ex.text for ex in dm.clean_subset], truncation=True, max_length=dm.hparams.max_length)["input_ids"]:
             counts += torch.bincount(torch.tensor(ids), minlength=len(counts))[: len(counts)]
-        rows = ws.epur_rows(ctx.model, ctx.reference, counts, self.top_n, self.min_freq, dm.tokenizer.all_special_ids)
+        rows = ws.epur_rows(model, reference, counts, self.top_n, self.min_freq, dm.tokenizer.all_special_ids)
         tokens = dm.tokenizer.convert_ids_to_tokens(rows[:20])
         log.info("E-PUR: %d rows reset, the first: %s", len(rows), tokens)
         return {"rows_reset": len(rows), "top_20": tokens}

@@ -219,3 +219,30 @@ def test_a_reference_of_another_architecture_is_refused(tmp_path, tiny_bert, tin
               "--model.init_args.reference", str(tiny_roberta), "--data.init_args.path", str(sst2_small),
               "--trainer.default_root_dir", str(tmp_path / "x"), *QUIET])
     assert "does not match the suspicious model" in capsys.readouterr().err
+
+
+def test_epur_as_an_option_of_mbtsad_purifies_teacher_and_student(tmp_path, tiny_bert, sst2_small, monkeypatch):
+    from mitigate.models import load_classifier
+    from tests.test_mbtsad import mbtsad_args
+
+    monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
+    # a "victim": the tiny model with the cf row moved far; the tiny model itself is the reference
+    victim = load_classifier(str(tiny_bert))
+    from mitigate.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_bert))
+    cf = tok.convert_tokens_to_ids("cf")
+    with torch.no_grad():
+        victim.get_input_embeddings().weight[cf] += 3.0
+    victim.save_pretrained(tmp_path / "victim")
+    tok.save_pretrained(tmp_path / "victim")
+    root = tmp_path / "run"
+    main(mbtsad_args(tmp_path / "victim", sst2_small, root, "--model.init_args.epur", "mitigate.mitigations.EPUR",
+                     "--model.init_args.epur.init_args.top_n", "5", "--model.init_args.reference", str(tiny_bert),
+                     "--model.init_args.lr", "1e-9", "--model.init_args.tsft_lr", "1e-9"))
+    r = json.loads((root / "results.json").read_text())
+    assert r["report"]["epur"]["rows_reset"] == 5 and r["report"]["epur"]["top_20"][0] == "cf"
+    pre = load_classifier(str(tiny_bert)).get_input_embeddings().weight[cf]
+    for folder in ("model", "teacher"):  # both phases started from the purified row (and barely moved at lr 1e-9)
+        row = load_classifier(str(root / folder)).get_input_embeddings().weight[cf]
+        assert torch.allclose(row, pre, atol=1e-5), folder

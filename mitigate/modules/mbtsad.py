@@ -19,9 +19,11 @@ from mitigate.callbacks.progress import LogProgress
 from mitigate.guard import CollapseError, clean_report, collapse_reason
 from mitigate.losses import DistillationLoss
 from mitigate.metrics import BackdoorMetrics
-from mitigate.models.loading import load_classifier
+from mitigate.mitigations import EPUR
+from mitigate.models.loading import load_classifier, load_reference
 from mitigate.modules.classifier import linear_schedule, seed_step, set_schedule_length
 from mitigate.trigger_scan import TriggerScan
+from mitigate.weight_space import reference_state
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,9 @@ class MBTSAD(pl.LightningModule):
             the suspicious model's dev CACC minus ``max_cacc_drop`` points, or that predicts one
             class for ``max_class_share`` of dev (None: no such check), stops the run before
             anything is exported.
+        epur: Embedding Purification of the suspicious weights before anything trains (the
+            teacher's start and the student's); needs ``reference``.
+        reference: the clean pre-trained checkpoint the suspicious model came from (E-PUR only).
         allow_pickle: allow pickled ``.bin`` weights (only for checkpoints you trust).
     """
 
@@ -91,6 +96,8 @@ class MBTSAD(pl.LightningModule):
         max_cacc_drop: float = 5.0,
         max_class_share: float | None = 0.95,
         probe_fraction: float = 0.25,
+        epur: EPUR | None = None,
+        reference: str | None = None,
         allow_pickle: bool = False,
     ) -> None:
         super().__init__()
@@ -103,8 +110,11 @@ class MBTSAD(pl.LightningModule):
             raise ValueError("model.teacher is an already trained teacher: set model.tsft_epochs to 0")
         if teacher is None and tsft_epochs < 1:
             raise ValueError("model.tsft_epochs must be >= 1 (or give a trained model.teacher)")
-        self.save_hyperparameters(ignore=["scan"])
+        if epur is not None and reference is None:
+            raise ValueError("model.epur needs the clean pre-trained weights: set model.init_args.reference")
+        self.save_hyperparameters(ignore=["scan", "epur"])
         self.scan = scan
+        self.epur = epur
         #: what the run chose from clean data (trigger scan, ...): plain values, kept in the
         #: checkpoints (a resumed run does not choose again) and written to results.json / .md
         self.report: dict = {}
@@ -150,6 +160,8 @@ class MBTSAD(pl.LightningModule):
             return
         dm = self.trainer.datamodule
         self.report["suspicious_dev"] = clean_report(self.suspicious, dm.dataset("dev"), dm.tokenizer.pad_token_id)
+        if self.epur is not None:
+            self._purify_embeddings()
         if self.scan is not None:
             self._scan_for_triggers()
         rates = self.hparams.tsft_lr
@@ -248,6 +260,17 @@ class MBTSAD(pl.LightningModule):
 
     def on_train_end(self) -> None:
         self.report["student_dev"] = self._guard("the MBTSAD student", self.model)
+
+    def _purify_embeddings(self) -> None:
+        """E-PUR on the weights both training phases start from (the student and, when it is
+        trained here, the teacher)."""
+        hp, dm = self.hparams, self.trainer.datamodule
+        ref, missing = load_reference(hp.reference, hp.num_labels, hp.allow_pickle)
+        reference = {k: v.to(self.device) for k, v in reference_state(self.model, ref, missing, f"reference {hp.reference}").items()}
+        del ref
+        self.report["epur"] = {"name": repr(self.epur), **self.epur.apply(self.model, reference, dm)}
+        if hp.teacher is None:
+            self.epur.apply(self.teacher, reference, dm)
 
     def _scan_for_triggers(self) -> None:
         dm = self.trainer.datamodule

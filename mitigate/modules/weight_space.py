@@ -81,7 +81,7 @@ class WeightSpaceMitigation(TextClassifier):
         if self.transform is not None:
             self.report["transform"].update(self.transform.apply(self))
         if self.epur is not None:
-            self.report["epur"] = {"name": repr(self.epur), **self.epur.apply(self)}
+            self.report["epur"] = {"name": repr(self.epur), **self.epur.apply(self.model, self.reference, self.trainer.datamodule)}
         self.report["transformed_dev_cacc"] = self.dev_report(self.model)["cacc"]
         self.report["transform_seconds"] = round(time.perf_counter() - start, 1)
         self.reference = None
