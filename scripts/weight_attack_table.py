@@ -27,6 +27,10 @@ def pair(r: dict, prefix: str = "test/") -> str:
     return f"{pct(r, prefix + 'cacc')} / {pct(r, prefix + 'asr')}" if prefix + "cacc" in r else "-"
 
 
+def secs(v) -> str:
+    return f"{v:.0f}" if isinstance(v, (int, float)) else "-"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("victims", nargs="*", default=["ep_sst2", "lwp_sst2", "ripples_victim_sst2"])
@@ -39,7 +43,7 @@ def main() -> None:
         r, floor = load(runs / v), load(runs / "mbtsad" / v / "floor")
         single = load(runs / "mbtsad" / v / "floor_single_piece")
         ftr = f"{pct(r, 'test/false_trigger_rate')} ({pct(single, 'test/false_trigger_rate')})" if "test/false_trigger_rate" in r else "-"
-        print(f"| {v} | {pair(r)} | {pair(floor)} | {ftr} | {r.get('report', {}).get('fit_wall_s', '-')} |")
+        print(f"| {v} | {pair(r)} | {pair(floor)} | {ftr} | {secs(r.get('report', {}).get('fit_wall_s'))} |")
     for v in args.victims:
         root = runs / "mbtsad" / v
         mb, defend = load(root / "mbtsad"), load(runs / "defend" / v)
@@ -54,14 +58,14 @@ def main() -> None:
             if name == "mbtsad" and rep:
                 chosen.append(f"TS-FT rate {rep.get('learning_rates', {}).get('tsft', '-')}")
                 chosen.append("suspects: " + (", ".join(rep.get("trigger_scan", {}).get("suspects", [])) or "none"))
-            print(f"| {label} | {pair(r)} | | {'; '.join(chosen)} | {rep.get('fit_wall_s', '-')} |")
+            print(f"| {label} | {pair(r)} | | {'; '.join(chosen)} | {secs(rep.get('fit_wall_s'))} |")
         for key, label in DEFENSES.items():
             p = f"test/{key}/"
             if p + "cacc" in defend:
-                print(f"| {label} (corrected) | {pair(defend, p)} | | | {defend.get(p + 'wall_s', '-')} |")
+                print(f"| {label} (corrected, on the slice) | {pair(defend, p)} | | | {secs(defend.get(p + 'wall_s'))} |")
             elif p + "frr" in defend:
                 det = f"{pct(defend, p + 'frr')} / {pct(defend, p + 'far')} / {pct(defend, p + 'auroc')}"
-                print(f"| {label} | | {det} | | {defend.get(p + 'wall_s', '-')} |")
+                print(f"| {label} (on the slice) | | {det} | | {secs(defend.get(p + 'wall_s'))} |")
         if mb:
             print(f"\nMBTSAD's own ASR floor reading: clean model on the same poisoned test set {pct(load(root / 'floor'), 'test/asr')}%.")
 

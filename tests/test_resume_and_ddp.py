@@ -42,6 +42,18 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert not diff, f"{len(diff)} tensors differ, max |diff| {max(diff.values()):.3g}: {sorted(diff)[:5]}"
 
 
+def tiny_model_without_dropout(model_dir: Path, tokenizer) -> Path:
+    """A tiny BERT classifier without dropout: DDP and one process then see the same batches."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    BertForSequenceClassification(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
 def crash_and_resume(make_args, root: Path, crash_step: int, common: list[str], saved_step: int) -> None:
     """Run until a hard kill (os._exit) after optimizer step ``crash_step``, check that the last
     checkpoint is that of ``saved_step``, then resume with ``--ckpt_path last``."""
@@ -148,17 +160,10 @@ def test_mbtsad_under_ddp_matches_one_process(tmp_path, bert_tokenizer, sst2_sma
     the same global batches (no dropout), the same metrics and nearly the same weights (TS-FT's
     mean cross-entropy is the same; the hidden-state loss averages over each process's own real
     tokens, and float sums run in another order). Plain `ddp` stops with what to set."""
-    from transformers import BertConfig, BertForSequenceClassification
-
     from tests.test_mbtsad import mbtsad_args
 
     monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(bert_tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model_dir = tmp_path / "nodrop"
-    BertForSequenceClassification(config).save_pretrained(model_dir)
-    bert_tokenizer.save_pretrained(model_dir)
+    model_dir = tiny_model_without_dropout(tmp_path / "nodrop", bert_tokenizer)
 
     def args(root, batch, *extra):
         out = mbtsad_args(model_dir, sst2_small, root, "--trainer.accelerator", "cpu", *extra)
@@ -208,14 +213,7 @@ def test_ep_under_ddp_matches_one_process(tmp_path, bert_tokenizer, sst2_small):
     """EP with 2 CPU processes of 8 samples against one of 16 (no dropout): the trigger row's
     all-reduced gradient is the single-process one, so the poisoned row ends the same (float
     sums in another order) and every other weight stays bit-identical on both."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(bert_tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model_dir = tmp_path / "nodrop"
-    BertForSequenceClassification(config).save_pretrained(model_dir)
-    bert_tokenizer.save_pretrained(model_dir)
+    model_dir = tiny_model_without_dropout(tmp_path / "nodrop", bert_tokenizer)
 
     def args(root, batch, *extra):
         return ["fit", "--config", str(REPO / "recipes" / "ep_sst2.yaml"), "--model.init_args.model", str(model_dir),
