@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 class WeightTransform:
     """A transform of the suspicious model. ``ctx`` is the WeightSpaceMitigation module: it gives
     ``ctx.model``, ``ctx.reference`` (pre-trained tensors, when ``needs_reference``),
+    ``ctx.report["suspicious_dev_cacc"]``,
     ``ctx.dev_report(model)``, ``ctx.probe(model, epochs)`` and ``ctx.clean_batches()``."""
 
     needs_reference = False
@@ -65,7 +66,7 @@ class FinePruning(WeightTransform):
 
     def apply(self, ctx) -> dict:
         scores = ws.ffn_activation_scores(ctx.model, ctx.clean_batches(), self.score)
-        base = ctx.dev_report(ctx.model)["cacc"]
+        base = ctx.report["suspicious_dev_cacc"]  # measured once, before any transform
         tried = []
         if self.prune_rate is not None:
             rate = self.prune_rate
@@ -98,7 +99,7 @@ def choose_on_dev(ctx, candidates: Sequence[float], transform, probe_epochs: int
     the suspicious model, fine-tunes it ``probe_epochs`` epochs on the clean training data and
     is accepted when its clean-dev accuracy is within ``max_drop`` points of the suspicious
     model's; the first accepted is chosen (the least aggressive if none is)."""
-    base = ctx.dev_report(ctx.model)["cacc"]
+    base = ctx.report["suspicious_dev_cacc"]  # measured once, before any transform
     tried = []
     for c in candidates:
         start = time.perf_counter()
