@@ -17,7 +17,7 @@ from mitigate.guard import clean_report
 from mitigate.metrics import BackdoorMetrics
 from mitigate.mitigations import EPUR, WeightTransform
 from mitigate.models.loading import load_reference
-from mitigate.modules.classifier import TextClassifier
+from mitigate.modules.classifier import TextClassifier, linear_schedule, set_schedule_length
 from mitigate.weight_space import reference_state
 
 log = logging.getLogger(__name__)
@@ -102,12 +102,18 @@ class WeightSpaceMitigation(TextClassifier):
         return list(self.trainer.datamodule.train_dataloader())
 
     def probe(self, model: nn.Module, epochs: int) -> nn.Module:
-        """``model`` fine-tuned ``epochs`` epochs on the clean training data (AdamW at the run's
-        rate, constant): the short fine-tune a candidate setting is judged by."""
+        """``model`` fine-tuned ``epochs`` epochs on the clean training data with the run's own
+        optimiser and schedule (AdamW, the run's rate, linear decay over the probe's steps when
+        the run decays): the fine-tune a candidate setting is judged by. With ``epochs`` equal to
+        the run's, it is the final fine-tune up to dropout masks and data order."""
         hp = self.hparams
         model.train().requires_grad_(True)
         opt = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         loader = self.trainer.datamodule.train_dataloader()
+        sched = None
+        if hp.schedule == "linear":
+            sched = linear_schedule(opt, hp.warmup_ratio)
+            set_schedule_length(sched, epochs * len(loader))
         bar = LogProgress(epochs * len(loader), "probe fine-tune", enabled=self.trainer.is_global_zero)
         step = 0
         for _ in range(epochs):
@@ -118,6 +124,8 @@ class WeightSpaceMitigation(TextClassifier):
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                if sched is not None:
+                    sched.step()
                 if self.transform is not None:
                     self.transform.after_step(model, self.state)
                 step += 1
