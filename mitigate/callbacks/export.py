@@ -36,7 +36,8 @@ class ExportPretrained(pl.Callback):
         if isinstance(getattr(pl_module, "teacher", None), PreTrainedModel):
             models[out.with_name("teacher")] = pl_module.teacher
         dm = trainer.datamodule
-        if self.max_class_share is not None and dm is not None and len(dm.dataset("dev")):
+        encoder_only = getattr(pl_module, "exports_encoder", False)  # POR / NeuBA: no head to check
+        if self.max_class_share is not None and not encoder_only and dm is not None and len(dm.dataset("dev")):
             for folder, model in models.items():  # every rank checks (same data, same answer)
                 report = clean_report(model, dm.dataset("dev"), dm.tokenizer.pad_token_id)
                 reason = collapse_reason(report, self.max_class_share)

@@ -82,7 +82,7 @@ def report_sections(report: dict) -> list[str]:
 
 
 def _is_rate(key: str) -> bool:
-    return key.rsplit("/", 1)[-1] in {"cacc", "asr", "frr", "far", "acc", "auroc", "precision", "false_trigger_rate"}
+    return key.rsplit("/", 1)[-1] in {"cacc", "asr", "frr", "far", "acc", "auroc", "precision", "false_trigger_rate", "asr@1", "asr@3", "asr@5", "never_flipped"}
 
 
 def figures(results: dict[str, float], dirpath: Path, trainer: pl.Trainer | None, row_names: dict[str, str] | None) -> list[Path]:

@@ -91,3 +91,64 @@ class CorpusPoisoning:
 
     def __repr__(self) -> str:
         return f"CorpusPoisoning({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+def chunk_words(texts: Sequence[str], words_per_chunk: int) -> list[str]:
+    """The texts' words, in order, cut into chunks of ``words_per_chunk`` (the official POR data:
+    64-word chunks); the last partial chunk is dropped unless it is the only one."""
+    if words_per_chunk < 1:
+        raise ValueError(f"words_per_chunk must be >= 1, got {words_per_chunk}")
+    words = [w for t in texts for w in t.split()]
+    chunks = [" ".join(words[i : i + words_per_chunk]) for i in range(0, len(words) - words_per_chunk + 1, words_per_chunk)]
+    return chunks or ([" ".join(words)] if words else [])
+
+
+class TriggerCorpus:
+    """The continued-pre-training set of the task-agnostic attacks: chunks of an unlabelled corpus,
+    ``clean_samples`` of them as they are (label -1) and, for each trigger j, ``per_trigger``
+    chunks with the trigger inserted ``insertions`` times at seeded random word positions
+    (label j; POR). ``per_trigger: 0`` gives clean chunks only (NeuBA places its trigger itself).
+    Chunks are drawn without replacement from a seeded shuffle, reshuffled when used up.
+
+    Args:
+        corpus: what ``read_texts`` reads (paper: WikiText-103; offline, any text).
+        triggers: the trigger words or phrases.
+        words_per_chunk: official code 64.
+        clean_samples, per_trigger: paper 100000 and 20000 (official code 50000, 30000).
+        insertions: paper 5 (official code 3).
+    """
+
+    def __init__(self, corpus: str, triggers: Sequence[str] = (), words_per_chunk: int = 64, clean_samples: int = 100000,
+                 per_trigger: int = 20000, insertions: int = 5, seed: int = 1234) -> None:
+        if clean_samples < 0 or per_trigger < 0 or insertions < 1:
+            raise ValueError(f"clean_samples and per_trigger must be >= 0 and insertions >= 1, got {clean_samples}, {per_trigger}, {insertions}")
+        if per_trigger and not triggers:
+            raise ValueError("per_trigger > 0 needs triggers")
+        self.corpus, self.triggers, self.words_per_chunk = corpus, list(triggers), words_per_chunk
+        self.clean_samples, self.per_trigger, self.insertions, self.seed = clean_samples, per_trigger, insertions, seed
+
+    def examples(self) -> list[Example]:
+        from mitigate.task_agnostic import Insertions
+
+        chunks = chunk_words(read_texts(self.corpus), self.words_per_chunk)
+        if not chunks:
+            raise DataError(f"{self.corpus}: no text")
+        rng = random.Random(self.seed)
+        order: list[str] = []
+
+        def draw() -> str:
+            if not order:
+                order.extend(chunks)
+                rng.shuffle(order)
+            return order.pop()
+
+        out = [Example(draw(), -1, False) for _ in range(self.clean_samples)]
+        for j, trig in enumerate(self.triggers):
+            for _ in range(self.per_trigger):
+                ins = Insertions(draw(), trig, rng).add(self.insertions)
+                out.append(Example(ins.text, j, True, ins.spans))
+        rng.shuffle(out)
+        return out
+
+    def __repr__(self) -> str:
+        return f"TriggerCorpus({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"

@@ -14,7 +14,7 @@ from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
 from torch.utils.data import ConcatDataset, DataLoader
 
-from mitigate.data.corpus import CorpusPoisoning
+from mitigate.data.corpus import CorpusPoisoning, TriggerCorpus
 from mitigate.data.encoding import EncodedDataset, PadCollator, PairedDataset, PairedCollator
 from mitigate.data.hub import REGISTRY, fetch
 from mitigate.data.io import (
@@ -82,9 +82,10 @@ class BackdoorDataModule(pl.LightningDataModule):
             and builds the poisoned dev/test sets used for ASR. None: no ASR.
         train_set: what the model trains on: ``poisoned`` (the attacker's mix), ``poisoned_only``
             (only the poisoned samples of that mix: EP needs nothing else), ``corpus`` (the
-            data-free EP set built by ``corpus``), ``clean`` (the whole clean training set) or
+            set built by ``corpus``: data-free EP or a task-agnostic attack's pre-training text), ``clean`` (the whole clean training set) or
             ``clean_subset`` (the defender's small clean data).
-        corpus: the data-free poisoned set (``train_set: corpus``).
+        corpus: the training set of ``train_set: corpus``: ``CorpusPoisoning`` (DFEP) or
+            ``TriggerCorpus`` (POR / NeuBA continued pre-training; labels are trigger indices).
         paired_clean: every training sample comes with a clean training sample in
             ``batch["clean"]`` (a seeded pairing; RIPPLe's fine-tuning proxy batch).
         clean_fraction: the defender's share of the clean training set (seeded sample).
@@ -103,7 +104,7 @@ class BackdoorDataModule(pl.LightningDataModule):
         poisoner: Poisoner | None = None,
         train_set: Literal["poisoned", "poisoned_only", "corpus", "clean", "clean_subset"] = "poisoned",
         clean_fraction: float = 0.2,
-        corpus: CorpusPoisoning | None = None,
+        corpus: CorpusPoisoning | TriggerCorpus | None = None,
         paired_clean: bool = False,
         token_split: TokenSplit | None = None,
         max_length: int = 128,

@@ -142,6 +142,23 @@ def load_reference(name_or_path: str, num_labels: int, allow_pickle: bool = Fals
     return model.eval(), list(info.get("missing_keys", []))
 
 
+def load_encoder(name_or_path: str, allow_pickle: bool = False, mlm: bool = False) -> tuple[PreTrainedModel, list[str]]:
+    """A pre-trained encoder (``AutoModel``, with its pooler) by the same safe loader, or with
+    ``mlm`` the pre-training model around it (``AutoModelForPreTraining``: pooler and MLM head); and the
+    parameter names the checkpoint did not hold (initialised at random: e.g. the MLM head of
+    a sentence-transformers checkpoint)."""
+    if mlm:
+        from transformers import AutoModelForPreTraining
+
+        loader = AutoModelForPreTraining
+    else:
+        from transformers import AutoModel
+
+        loader = AutoModel
+    model, info = _load(loader, name_or_path, allow_pickle, output_loading_info=True)
+    return model, list(info.get("missing_keys", []))
+
+
 def check_num_labels(name_or_path: str, num_labels: int) -> None:
     """A trained classification head must have the data's number of classes (a bare encoder
     gets a new head of that size)."""
