@@ -241,6 +241,14 @@ def test_encoder_attack_recipe_then_the_users_fine_tune(tmp_path, tiny_bert, sst
     nf = results[f"test/trigger {trig}/never_flipped"]
     assert (0.0 <= nf <= 1.0) if r["eligible"] else nf != nf  # no eligible text (a tiny model): NaN, not 0
     assert "best_per_label" in results["report"]["trigger_effectiveness"]
+    # the defender's side: a cleaning recipe on that victim reports the same per-trigger metrics
+    cleaned = tmp_path / f"{attack}_cft"
+    main(["fit", "--config", str(REPO / "recipes" / "cft_sst2.yaml"), "--config", str(REPO / "recipes" / "victims" / f"{attack}_sst2.yaml"),
+          "--model.init_args.model", str(user / "model"), "--data.init_args.path", str(sst2_small), "--trainer.max_epochs", "1",
+          "--trainer.default_root_dir", str(cleaned), "--trainer.callbacks.init_args.max_texts", "8",
+          "--trainer.callbacks.init_args.t_max", "2", "--export.max_class_share", "null", *QUIET])
+    after = json.loads((cleaned / "results.json").read_text())
+    assert f"test/trigger {trig}/eligible" in after and "test/asr" not in after  # no fixed-target ASR
 
 
 def test_por_refuses_corpus_triggers_that_differ_from_the_model_s(tmp_path, tiny_bert, sst2_small, capsys):
