@@ -208,3 +208,11 @@ def test_rap_construction_keeps_the_row_norm_when_asked(tiny):
     assert float(weight[1000].norm()) == pytest.approx(norm, rel=1e-5)
     construct_rap(model, [(ids, attn, 1.0)], 1000, protect_label=1, epochs=2, lr=10.0, keep_norm=False)
     assert float(weight[1000].norm()) != pytest.approx(norm, rel=1e-3)
+
+
+def test_strip_sequential_test_decides_only_when_the_interval_clears_the_threshold():
+    from mitigate.defenses.strip import decided
+
+    h = torch.tensor([[0.01, 0.01, 0.01, 0.01], [0.9, 0.8, 0.85, 0.9], [0.0, 0.9, 0.0, 0.9], [0.5, 0.5, 0.5, 0.5]])
+    assert decided(h, 0.5, 2.0).tolist() == [True, True, False, False]  # on the threshold: never decided
+    assert not decided(h[:, :1], 0.5, 2.0).any()  # one copy: no spread to judge

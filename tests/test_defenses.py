@@ -34,7 +34,7 @@ def defend_config(tmp_path, lm_dir, **onion):
         if cb["class_path"].endswith("RAP"):
             cb["init_args"].update(epochs=2)
         if cb["class_path"].endswith("STRIP"):
-            cb["init_args"].update(copies=4)
+            cb["init_args"].update(copies=4, early_stop=True, min_copies=2, step_copies=1)  # the sequential path, DDP included
     path = tmp_path / "defend.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -75,7 +75,7 @@ def test_recipe_runs_all_four_defenses_and_reports_them_in_one_table(defended):
     r = load_results(defended)
     for name, metrics in {
         "imbert_g": ("cacc", "asr", "precision", "removed"), "rap": ("frr", "far", "auroc", "threshold"),
-        "strip": ("frr", "far", "auroc", "threshold"), "onion": ("cacc", "asr", "bar"),
+        "strip": ("frr", "far", "auroc", "threshold", "copies_used"), "onion": ("cacc", "asr", "bar"),
     }.items():
         for m in (*metrics, "wall_s", "samples_per_s", "calib_s"):
             assert f"test/{name}/{m}" in r, (name, m)
@@ -164,6 +164,8 @@ def test_rap_and_strip_reject_bad_settings():
         RAP(c_low=0.3, c_up=0.1)
     with pytest.raises(ValueError):
         STRIP(ratio=0)
+    with pytest.raises(ValueError, match="min_copies"):
+        STRIP(copies=4, early_stop=True, min_copies=8)
 
 
 def test_imbert_picks_lambda_on_clean_dev_data_within_the_allowed_drop(tiny_bert, sst2_small):
@@ -206,3 +208,42 @@ def test_rap_refuses_the_public_attacks_triggers_unless_allowed(word, sst2_small
     with pytest.raises(ValueError, match="default trigger of public attacks"):
         RAP(word=word)._setup(SimpleNamespace(datamodule=dm))
     RAP(word=word, allow_public_trigger=True)._setup(SimpleNamespace(datamodule=dm))
+
+
+def test_strip_early_stop_uses_the_exact_paths_first_copies_and_stops_only_when_decided(tiny_bert, sst2_small):
+    from mitigate.callbacks.defenses.base import classify_texts
+    from mitigate.defenses.strip import copy_entropy, decided
+    from mitigate.models import load_classifier, load_tokenizer
+
+    model, tok = load_classifier(str(tiny_bert)).eval(), load_tokenizer(str(tiny_bert))
+    texts = [line.split("\t")[0] for line in (sst2_small / "test.tsv").read_text().splitlines()[1:41]]
+    keys = [f"test-{i}" for i in range(len(texts))]
+    words = [w for t in texts for w in t.split()]
+    s = STRIP(copies=12, early_stop=True, min_copies=4, step_copies=4, z=1.0, batch_size=32)
+    s.pools, s.all_words = {0: words[::2], 1: words[1::2]}, words
+    preds = classify_texts(model, tok, texts, 32, 64).argmax(-1)
+    variants = s.variants(texts, keys, preds)
+    exact = copy_entropy(classify_texts(model, tok, [v for vs in variants for v in vs], 32, 64)).view(len(texts), 12)
+    s.threshold = float(exact.mean(1).median())  # half the inputs on each side: some stop, some do not
+    h_exact, _, used_exact = s.entropies(model, tok, 64, texts, keys, preds=preds)
+    assert torch.allclose(h_exact, exact.mean(1), atol=1e-5) and bool((used_exact == 12).all())
+    h, _, used = s.entropies(model, tok, 64, texts, keys, preds=preds, sequential=True)
+    assert set(used.tolist()) <= {4, 8, 12} and (used < 12).any()
+    for i in range(len(texts)):
+        k = int(used[i])
+        assert float(h[i]) == pytest.approx(float(exact[i, :k].mean()), abs=1e-5)
+        if k < 12:
+            assert bool(decided(exact[i : i + 1, :k], s.threshold, 1.0)[0])
+        for j in range(4, k, 4):  # it did not stop at an earlier round it could have stopped at
+            assert not bool(decided(exact[i : i + 1, :j], s.threshold, 1.0)[0])
+
+
+def test_strip_pool_any_draws_from_every_class():
+    s = STRIP(copies=3, pool="any")
+    # pools[c]: the words for an input predicted c (calibrate fills it with the OTHER classes' words)
+    s.pools, s.all_words = {0: ["one"], 1: ["zero"]}, ["zero", "one"] * 50
+    out = s.variants(["a b c d e f g h"] * 4, [f"k{i}" for i in range(4)], torch.tensor([0, 0, 1, 1]))
+    assert {w for vs in out[:2] for v in vs for w in v.split()} - set("abcdefgh") == {"zero", "one"}
+    s.pool = "other_classes"
+    out = s.variants(["a b c d"], ["k"], torch.tensor([0]))
+    assert {w for v in out[0] for w in v.split()} - set("abcd") == {"one"}
