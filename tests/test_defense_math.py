@@ -216,3 +216,29 @@ def test_strip_sequential_test_decides_only_when_the_interval_clears_the_thresho
     h = torch.tensor([[0.01, 0.01, 0.01, 0.01], [0.9, 0.8, 0.85, 0.9], [0.0, 0.9, 0.0, 0.9], [0.5, 0.5, 0.5, 0.5]])
     assert decided(h, 0.5, 2.0).tolist() == [True, True, False, False]  # on the threshold: never decided
     assert not decided(h[:, :1], 0.5, 2.0).any()  # one copy: no spread to judge
+
+
+def _tiny_llama(vocab: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)).eval()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("max_length", [128, 9])
+def test_onion_prefix_cache_gives_the_batched_scores(tiny_lm, sst2_dir, arch, max_length):
+    from mitigate.defenses.perplexity import onion_suspicion_cached
+
+    lm, tok = tiny_lm
+    if arch == "llama":  # rotary positions and grouped key/value heads (SmolLM2's architecture)
+        lm = _tiny_llama(len(tok))
+    texts = [line.split("\t")[0] for line in (sst2_dir / "dev.tsv").read_text().splitlines()[1:14]]
+    texts += ["cf", "", "bad , bad film", "a b"]  # one word, none, repeated words
+    want = onion_suspicion(lm, tok, texts, batch_size=7, max_length=max_length)
+    got = onion_suspicion_cached(lm, tok, texts, batch_size=5, max_length=max_length)
+    assert [len(g) for g in got] == [len(w) for w in want]
+    p0 = perplexities(lm, tok, texts, max_length=max_length).tolist()
+    for g, w, p in zip(got, want, p0):  # f = p0 - pi: float32 perplexities (~800 here) carry ~1e-4 relative rounding
+        assert g == pytest.approx(w, abs=1e-5 * p + 1e-6)

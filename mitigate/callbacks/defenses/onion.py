@@ -8,7 +8,7 @@ import random
 import torch
 
 from mitigate.callbacks.defenses.base import Defense, classify_texts, gather_objects, predict_batch, progress, world
-from mitigate.defenses.perplexity import onion_suspicion, remove_words
+from mitigate.defenses.perplexity import onion_suspicion, onion_suspicion_cached, remove_words
 from mitigate.metrics import CorrectionMetrics
 from mitigate.models.loading import load_causal_lm
 
@@ -32,6 +32,9 @@ class ONION(Defense):
             among the quantiles of the held-out suspicion scores.
         calibration_samples: held-out samples used to pick the bar (seeded subset).
         lm_dtype: e.g. bfloat16 on a GPU.
+        prefix_cache: score each word-removed variant on top of its full text's key/value cache
+            (``onion_suspicion_cached``: the same scores up to float rounding, about half the
+            tokens); False: every variant scored from scratch (``onion_suspicion``).
     """
 
     def __init__(
@@ -44,6 +47,7 @@ class ONION(Defense):
         lm_batch_size: int = 64,
         lm_max_length: int = 128,
         lm_dtype: str | None = None,
+        prefix_cache: bool = True,
         name: str = "onion",
         batch_size: int = 64,
         max_samples: int | None = None,
@@ -54,6 +58,7 @@ class ONION(Defense):
         self.lm_name, self.bar, self.max_cacc_drop = lm, bar, max_cacc_drop
         self.calibration_samples, self.target_label = calibration_samples, target_label
         self.lm_batch_size, self.lm_max_length, self.lm_dtype = lm_batch_size, lm_max_length, lm_dtype
+        self.prefix_cache = prefix_cache
         self.lm = self.lm_tokenizer = None
 
     def metrics(self, num_classes: int) -> torch.nn.Module:
@@ -64,7 +69,8 @@ class ONION(Defense):
         super().on_test_start(trainer, pl_module)
 
     def suspicion(self, texts: list[str], progress_bar=None) -> list[list[float]]:
-        return onion_suspicion(self.lm, self.lm_tokenizer, texts, self.lm_batch_size, self.lm_max_length, progress_bar)
+        score = onion_suspicion_cached if self.prefix_cache else onion_suspicion
+        return score(self.lm, self.lm_tokenizer, texts, self.lm_batch_size, self.lm_max_length, progress_bar)
 
     def calibrate(self, trainer, pl_module) -> None:
         if self.lm is None:
