@@ -247,3 +247,32 @@ def test_strip_pool_any_draws_from_every_class():
     s.pool = "other_classes"
     out = s.variants(["a b c d"], ["k"], torch.tensor([0]))
     assert {w for v in out[0] for w in v.split()} - set("abcd") == {"one"}
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_reduced_precision_defenses_run_and_keep_the_model(tmp_path, tiny_bert, sst2_small, tiny_lm_dir, precision):
+    cfg = yaml.safe_load(defend_config(tmp_path, tiny_lm_dir).read_text())
+    for cb in cfg["trainer"]["callbacks"]:
+        if not (precision == "int8" and cb["class_path"].endswith("IMBERT")):
+            cb["init_args"]["precision"] = precision
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    before = {k: v.clone() for k, v in load_classifier_state(tiny_bert).items()}
+    run_mitigate(defend_args(path, tiny_bert, sst2_small, tmp_path / "run"))
+    r = load_results(tmp_path / "run")
+    for name in ("rap", "strip", "onion", "imbert_g"):
+        assert f"test/{name}/samples_per_s" in r
+    assert all(torch.equal(v, load_classifier_state(tiny_bert)[k]) for k, v in before.items())
+
+
+def load_classifier_state(folder):
+    from mitigate.models import load_classifier
+
+    return load_classifier(str(folder)).state_dict()
+
+
+def test_imbert_refuses_int8_with_gradient_saliency():
+    with pytest.raises(ValueError, match="no gradients"):
+        IMBERT(precision="int8")
+    with pytest.raises(ValueError, match="precision must be"):
+        STRIP(precision="fp8")

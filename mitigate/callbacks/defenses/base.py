@@ -3,12 +3,16 @@ each test batch, timing, metrics synced across DDP ranks, and a per-sample CSV."
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import csv
 import logging
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import lightning.pytorch as pl
 import torch
@@ -93,6 +97,17 @@ def device_batch_size(device) -> int:
     return DEVICE_BATCH_SIZES.get(torch.device(device).type, 64)
 
 
+PRECISIONS = ("full", "bf16", "int8")
+
+
+def int8_dynamic(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose Linear layers run int8 (dynamic quantisation: int8 weights,
+    activations quantised per batch); CPU only, forward only (no gradients)."""
+    with warnings.catch_warnings():  # torch marks the quantised tensor API deprecated (torchao replaces it)
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), {torch.nn.Linear}, dtype=torch.qint8)
+
+
 def progress(total: int, desc: str, trainer: pl.Trainer | None = None) -> LogProgress:
     """On rank 0: a progress bar in a terminal, log lines elsewhere."""
     return LogProgress(total, desc, enabled=trainer is None or trainer.is_global_zero)
@@ -117,12 +132,22 @@ class Defense(pl.Callback):
             (clean, poisoned); None: all.
         seed: seed of that subset and of any randomness of the defense.
         write_csv: write the per-sample CSV.
+        precision: inference precision of the defense's passes, opt-in: ``full`` (the model's
+            own), ``bf16`` (autocast to bfloat16, CPU or GPU) or ``int8`` (a dynamically
+            quantised copy of the classifier's Linear layers, CPU only; gradient steps, e.g.
+            RAP's construction, still use the full model). How far detection moves is measured
+            by scripts/bench_defenses.py.
     """
 
     #: (CSV column, axis label) of a detection score to plot with ``self.threshold``; None: no plot
     score_column: tuple[str, str] | None = None
 
-    def __init__(self, name: str, batch_size: int = 64, max_samples: int | None = None, seed: int = 42, write_csv: bool = True) -> None:
+    def __init__(self, name: str, batch_size: int | None = 64, max_samples: int | None = None, seed: int = 42, write_csv: bool = True,
+                 precision: Literal["full", "bf16", "int8"] = "full") -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"{name}: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
+        self._inference: torch.nn.Module | None = None
         self.name = name
         self.batch_size = batch_size
         self.max_samples = max_samples
@@ -148,9 +173,17 @@ class Defense(pl.Callback):
         return {}
 
     # -- shared machinery -------------------------------------------------------------------------
-    @staticmethod
-    def model(pl_module: pl.LightningModule):
-        return pl_module.model
+    def model(self, pl_module: pl.LightningModule):
+        """The classifier the defense's forward passes use (int8: the quantised copy)."""
+        return self._inference if self._inference is not None else pl_module.model
+
+    def passes(self, trainer: pl.Trainer, device) -> contextlib.ExitStack:
+        """The context of the defense's passes: the trainer's precision, then ``precision``."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(trainer.precision_plugin.forward_context())
+        if self.precision == "bf16":
+            stack.enter_context(torch.autocast(torch.device(device).type, dtype=torch.bfloat16))
+        return stack
 
     @staticmethod
     def tokenizer(trainer: pl.Trainer):
@@ -199,7 +232,12 @@ class Defense(pl.Callback):
         self.metric = self.metrics(pl_module.model.config.num_labels).to(pl_module.device)
         self.wall = self.samples = 0
         start = time.perf_counter()
-        with trainer.precision_plugin.forward_context():
+        self._inference = None
+        if self.precision == "int8":
+            if pl_module.device.type != "cpu":
+                raise ValueError(f"{self.name}: precision int8 (dynamic quantisation) runs on a CPU; on {pl_module.device.type} use bf16")
+            self._inference = int8_dynamic(pl_module.model)
+        with self.passes(trainer, pl_module.device):
             self.calibrate(trainer, pl_module)
         self.calib_s = time.perf_counter() - start
         log.info("%s: calibrated in %.1f s", self.name, self.calib_s)
@@ -211,7 +249,7 @@ class Defense(pl.Callback):
         if not keep.all():
             batch = {k: v[keep] for k, v in batch.items()}
         start = time.perf_counter()
-        with trainer.precision_plugin.forward_context():
+        with self.passes(trainer, pl_module.device):
             self.defend(trainer, pl_module, batch, self._texts(trainer, batch))
         self.wall += time.perf_counter() - start
         self.samples += len(batch["index"])

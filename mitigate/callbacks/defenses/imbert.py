@@ -49,6 +49,7 @@ class IMBERT(Defense):
         max_samples: int | None = None,
         seed: int = 42,
         write_csv: bool = True,
+        precision: Literal["full", "bf16", "int8"] = "full",
     ) -> None:
         if saliency not in ("gradient", "attention"):
             raise ValueError(f"saliency must be 'gradient' or 'attention', got {saliency!r}")
@@ -56,7 +57,9 @@ class IMBERT(Defense):
             raise ValueError(f"operation must be 'delete' or 'mask', got {operation!r}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        super().__init__(name or f"imbert_{saliency[0]}", batch_size, max_samples, seed, write_csv)
+        if precision == "int8" and saliency == "gradient":
+            raise ValueError("IMBERT: precision int8 has no gradients for the gradient saliency; use bf16 or saliency: attention")
+        super().__init__(name or f"imbert_{saliency[0]}", batch_size, max_samples, seed, write_csv, precision)
         self.saliency, self.k, self.lam, self.operation = saliency, k, lam, operation
         self.max_cacc_drop, self.target_label = max_cacc_drop, target_label
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import random
+from typing import Literal
 
 import torch
 
-from mitigate.callbacks.defenses.base import Defense, classify_texts, gather_objects, predict_batch, progress, world
+from mitigate.callbacks.defenses.base import Defense, classify_texts, gather_objects, int8_dynamic, predict_batch, progress, world
 from mitigate.defenses.perplexity import onion_suspicion, onion_suspicion_cached, remove_words
 from mitigate.metrics import CorrectionMetrics
 from mitigate.models.loading import load_causal_lm
@@ -53,8 +54,9 @@ class ONION(Defense):
         max_samples: int | None = None,
         seed: int = 42,
         write_csv: bool = True,
+        precision: Literal["full", "bf16", "int8"] = "full",
     ) -> None:
-        super().__init__(name, batch_size, max_samples, seed, write_csv)
+        super().__init__(name, batch_size, max_samples, seed, write_csv, precision)
         self.lm_name, self.bar, self.max_cacc_drop = lm, bar, max_cacc_drop
         self.calibration_samples, self.target_label = calibration_samples, target_label
         self.lm_batch_size, self.lm_max_length, self.lm_dtype = lm_batch_size, lm_max_length, lm_dtype
@@ -75,6 +77,8 @@ class ONION(Defense):
     def calibrate(self, trainer, pl_module) -> None:
         if self.lm is None:
             self.lm, self.lm_tokenizer = load_causal_lm(self.lm_name, dtype=self.lm_dtype)
+            if self.precision == "int8":  # the language model's Linear layers too
+                self.lm = int8_dynamic(self.lm)
         self.lm.to(pl_module.device)
         self.calib_n = 0
         if self.max_cacc_drop is None:

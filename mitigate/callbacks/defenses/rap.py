@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -92,12 +93,13 @@ class RAP(Defense):
         max_samples: int | None = None,
         seed: int = 42,
         write_csv: bool = True,
+        precision: Literal["full", "bf16", "int8"] = "full",
     ) -> None:
         if not 0 < frr < 100:
             raise ValueError(f"frr is a percentage in (0, 100), got {frr}")
         if not 0 <= c_low < c_up:
             raise ValueError(f"need 0 <= c_low < c_up, got c_low={c_low}, c_up={c_up}")
-        super().__init__(name, batch_size, max_samples, seed, write_csv)
+        super().__init__(name, batch_size, max_samples, seed, write_csv, precision)
         self.word, self.protect_label, self.frr = word, protect_label, frr
         self.lr, self.epochs, self.construct_batch_size = lr, epochs, construct_batch_size
         self.c_low, self.c_up, self.lam, self.keep_norm = c_low, c_up, lam, keep_norm
@@ -152,11 +154,12 @@ class RAP(Defense):
                 dist.all_reduce(g)
             return g
 
-        weight = model.get_input_embeddings().weight
+        full = pl_module.model  # gradient steps: never the int8 copy
+        weight = full.get_input_embeddings().weight
         original = weight.data[self.word_id].clone()
         with progress(self.epochs * len(batches), f"{self.name}: constructing", trainer) as bar:
             losses = construct_rap(
-                model, batches, self.word_id, self.label, self.epochs, self.lr, self.c_low, self.c_up, self.lam,
+                full, batches, self.word_id, self.label, self.epochs, self.lr, self.c_low, self.c_up, self.lam,
                 keep_norm=self.keep_norm, reduce_grad=total, progress=bar,
             )
         self.row = weight.data[self.word_id].clone()

@@ -55,6 +55,7 @@ class STRIP(Defense):
         max_samples: int | None = None,
         seed: int = 42,
         write_csv: bool = True,
+        precision: Literal["full", "bf16", "int8"] = "full",
     ) -> None:
         if copies < 1:
             raise ValueError(f"copies must be >= 1, got {copies}")
@@ -66,7 +67,7 @@ class STRIP(Defense):
             raise ValueError(f"pool must be 'other_classes' or 'any', got {pool!r}")
         if early_stop and not (2 <= min_copies <= copies and step_copies >= 1 and z > 0):
             raise ValueError(f"early_stop needs 2 <= min_copies <= copies, step_copies >= 1, z > 0; got {min_copies}, {step_copies}, {z}")
-        super().__init__(name, batch_size, max_samples, seed, write_csv)
+        super().__init__(name, batch_size, max_samples, seed, write_csv, precision)
         self.copies, self.ratio, self.frr, self.pool = copies, ratio, frr, pool
         self.early_stop, self.min_copies, self.step_copies, self.z = early_stop, min_copies, step_copies, z
 
