@@ -242,3 +242,32 @@ def test_onion_prefix_cache_gives_the_batched_scores(tiny_lm, sst2_dir, arch, ma
     p0 = perplexities(lm, tok, texts, max_length=max_length).tolist()
     for g, w, p in zip(got, want, p0):  # f = p0 - pi: float32 perplexities (~800 here) carry ~1e-4 relative rounding
         assert g == pytest.approx(w, abs=1e-5 * p + 1e-6)
+
+
+def test_rap_accumulate_rule_moves_the_row_by_the_running_sum_of_gradients(tiny):
+    """Two steps by hand: sgd moves by lr*g1 then lr*g2; accumulate by lr*g1 then lr*(g1+g2)."""
+    model, ids, attn = tiny
+    weight = model.get_input_embeddings().weight
+    row0 = weight.data[1000].clone()
+    lr, halves = 0.5, [(ids[:2], attn[:2], 1.0), (ids[2:], attn[2:], 1.0)]
+
+    def row_grad(batch):
+        with torch.enable_grad():
+            i, a, _ = batch
+            with torch.no_grad():
+                probs = model(input_ids=i, attention_mask=a).logits.float().softmax(-1)
+            delta, _ = rap_delta(model, i, a, 1000, 1, probs=probs)
+            weight.requires_grad_(True)
+            (g,) = torch.autograd.grad(rap_loss(delta, 0.1, 0.3, 1.0), weight)
+            return g[1000]
+
+    g1 = row_grad(halves[0])
+    weight.data[1000] = row0 - lr * g1
+    g2 = row_grad(halves[1])
+    want = row0 - lr * g1 - lr * (g1 + g2)
+    weight.data[1000] = row0
+    construct_rap(model, halves, 1000, protect_label=1, epochs=1, lr=lr, keep_norm=False, accumulate_grad=True)
+    assert torch.allclose(weight.data[1000], want, atol=1e-6)
+    weight.data[1000] = row0
+    construct_rap(model, halves, 1000, protect_label=1, epochs=1, lr=lr, keep_norm=False)
+    assert torch.allclose(weight.data[1000], row0 - lr * g1 - lr * g2, atol=1e-6)

@@ -70,6 +70,7 @@ def construct_rap(
     keep_norm: bool = True,
     reduce_grad=None,
     progress=None,
+    accumulate_grad: bool = False,
 ) -> list[float]:
     """Train the RAP word's input-embedding row, in place, on clean samples of the protect
     label: ``batches`` of (input_ids, attention_mask, share), iterated ``epochs`` times, where
@@ -79,12 +80,16 @@ def construct_rap(
     gradients across ranks, which gives exactly the single-process gradient. ``keep_norm``
     rescales the row to its original L2 norm after every step, as the reference
     implementations do (the RAP word stays on the scale of a word embedding).
+    ``accumulate_grad``: the reference code's rule, which never zeroes the gradient: each step
+    moves the row by lr times the SUM of every row gradient so far (a momentum without decay);
+    False: plain SGD, lr times this step's gradient.
     Returns the mean loss of each epoch (of this rank's samples)."""
     was_training = model.training
     model.eval()  # no dropout: Δ is measured in eval mode too
     losses = []
     with torch.inference_mode(False), torch.enable_grad(), embeddings_only(model) as weight:
         norm = weight[word_id].detach().norm()
+        running = torch.zeros_like(weight[word_id])
         for _ in range(epochs):
             total, n = 0.0, 0
             for ids, attn, share in batches:
@@ -102,6 +107,9 @@ def construct_rap(
                 if reduce_grad is not None:
                     row_grad = reduce_grad(row_grad)
                 with torch.no_grad():
+                    if accumulate_grad:
+                        running += row_grad
+                        row_grad = running
                     weight[word_id] -= lr * row_grad
                     if keep_norm:
                         weight[word_id] *= norm / weight[word_id].norm()

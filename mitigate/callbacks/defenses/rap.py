@@ -68,6 +68,9 @@ class RAP(Defense):
         frr: allowed false-rejection rate in % (threshold percentile; 0.5, 1, 3, 5).
         c_low, c_up: the margin of the probability drop (0.05 / 0.2 for clean-fine-tuned models).
         keep_norm: keep the row at its original norm after each step (reference implementations).
+        update: ``sgd`` (each step: lr x this batch's row gradient) or ``accumulate`` (the reference
+            code's rule: it never zeroes the gradient, so each step moves the row by lr x the sum
+            of all row gradients so far; with it the paper's lr 1e-2 constructs on MiniLM too).
         allow_public_trigger: accept a word that is a default trigger of a public attack
             (``mitigate.data.poisoners.known.PUBLIC_TRIGGERS``: cf, mn, bb, tq, mb, ak, NeuBA's
             symbols); refused by default, since a downloaded checkpoint may carry it.
@@ -87,6 +90,7 @@ class RAP(Defense):
         c_up: float = 0.3,
         lam: float = 1.0,
         keep_norm: bool = True,
+        update: Literal["sgd", "accumulate"] = "sgd",
         allow_public_trigger: bool = False,
         name: str = "rap",
         batch_size: int = 64,
@@ -104,6 +108,9 @@ class RAP(Defense):
         self.lr, self.epochs, self.construct_batch_size = lr, epochs, construct_batch_size
         self.c_low, self.c_up, self.lam, self.keep_norm = c_low, c_up, lam, keep_norm
         self.allow_public_trigger = allow_public_trigger
+        if update not in ("sgd", "accumulate"):
+            raise ValueError(f"update must be 'sgd' or 'accumulate', got {update!r}")
+        self.update = update
 
     def metrics(self, num_classes: int) -> torch.nn.Module:
         return DetectionMetrics()
@@ -160,7 +167,7 @@ class RAP(Defense):
         with progress(self.epochs * len(batches), f"{self.name}: constructing", trainer) as bar:
             losses = construct_rap(
                 full, batches, self.word_id, self.label, self.epochs, self.lr, self.c_low, self.c_up, self.lam,
-                keep_norm=self.keep_norm, reduce_grad=total, progress=bar,
+                keep_norm=self.keep_norm, reduce_grad=total, progress=bar, accumulate_grad=self.update == "accumulate",
             )
         self.row = weight.data[self.word_id].clone()
         weight.data[self.word_id] = original  # the model stays as it was; the row is swapped in when defending
