@@ -10,13 +10,20 @@ The defenses run through the callbacks' own per-batch code (``defend``), on batc
 test-set samples sorted by length as in a `mitigate test` run. Each timing is the best of
 ``--repeats`` rounds (rounds alternate the modes, so drifts of a shared CPU hit all alike).
 
+Then (``--options``, on by default) each defense's options against its exact path, every one
+calibrated on the same clean dev subset and run on the same test samples in this process:
+samples/s, the speed ratio to the exact path, the detection (FRR / FAR / AUROC) or correction
+(CACC / ASR) numbers, and the share of samples whose decision equals the exact path's.
+
     python scripts/bench_defenses.py                       # BadNet victim, 128 clean + 128 poisoned
     python scripts/bench_defenses.py --model runs/insertsent_sst2/model --onion-samples 16
+    python scripts/bench_defenses.py --skip-floor --option-samples 100 --calib-samples 300
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import time
@@ -68,6 +75,12 @@ def main() -> None:
     ap.add_argument("--strip-copies", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default="runs/bench_defenses.json")
+    ap.add_argument("--skip-floor", action="store_true", help="only the options section")
+    ap.add_argument("--no-options", action="store_true", help="only the floor section")
+    ap.add_argument("--option-samples", type=int, default=100, help="clean and poisoned samples each (options section)")
+    ap.add_argument("--option-onion-samples", type=int, default=16, help="clean and poisoned samples each for ONION (options)")
+    ap.add_argument("--calib-samples", type=int, default=300, help="clean dev samples every option calibrates on")
+    ap.add_argument("--groups", nargs="*", default=None, help="only these defenses in the options section (IMBERT-G RAP STRIP ONION)")
     args = ap.parse_args()
     torch.manual_seed(0)
     poisoner = BadNet(triggers=["cf", "mn", "bb", "tq"], num_triggers=[1], target_label=1)
@@ -118,6 +131,11 @@ def main() -> None:
         "RAP": (run_all(rap, batches), 2),
         f"STRIP (N={args.strip_copies})": (run_all(strip, batches), args.strip_copies + 1),
     }
+    if not args.no_options:
+        options = bench_options(args, dm, model, tok)
+        Path(args.out).with_name("bench_defense_options.json").write_text(json.dumps(options, indent=2))
+    if args.skip_floor:
+        return
     times: dict[str, float] = {}
     for _ in range(args.repeats):
         for name, (fn, _) in modes.items():
@@ -191,6 +209,124 @@ def main() -> None:
         print(f"{k}: {v:.1f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"times_s": times, "rows": rows, "speedups": speedups, "args": vars(args)}, indent=2))
+
+
+# -- options against the exact path --------------------------------------------------------------
+def fake_trainer(dm, root: str):
+    """What a defense's calibrate / defend read from a trainer, for one process."""
+    return SimpleNamespace(datamodule=dm, world_size=1, global_rank=0, is_global_zero=True, default_root_dir=root,
+                           precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext))
+
+
+def decisions(defense) -> dict:
+    key = "flagged" if "flagged" in (defense.rows[0] if defense.rows else {}) else "defended_pred"
+    return {(r["poisoned"], r["index"]): r[key] for r in defense.rows}
+
+
+def bench_options(args, dm, model, tok) -> list[dict]:
+    """Each defense option calibrated on the same dev subset and run on the same test samples;
+    speed and decisions against the defense's exact path (the first entry of its group)."""
+    rng = random.Random(1)
+    dev = dm.examples("dev")
+    dev = [dev[i] for i in sorted(rng.sample(range(len(dev)), min(args.calib_samples, len(dev))))]
+    sets = {False: dm.dataset("test"), True: dm.dataset("test_poisoned")}
+
+    def test_batches(k: int, batch_size: int):
+        out = []
+        for poisoned, ds in sets.items():
+            idx = sorted(random.Random(f"opt-{poisoned}").sample(range(len(ds)), min(k, len(ds))))
+            idx.sort(key=lambda i: len(ds.input_ids[i]))
+            collate = PadCollator(tok.pad_token_id)
+            for s in range(0, len(idx), batch_size):
+                b = collate([ds[i] for i in idx[s : s + batch_size]])
+                b["index"] = torch.tensor(idx[s : s + batch_size])
+                b["poisoned"] = torch.full((len(b["index"]),), poisoned)
+                out.append((b, [ds.examples[i].text for i in idx[s : s + batch_size]]))
+        return out
+
+    strip_args = dict(copies=args.strip_copies, ratio=0.5, frr=1.0)
+    rap_args = dict(word="jj", frr=1.0, lr=1.0, epochs=15, c_low=0.1, c_up=0.3)
+    groups = {
+        "IMBERT-G": [
+            ("exact (batch 64)", lambda: IMBERT(saliency="gradient", k=3, max_cacc_drop=1.0), 64),
+            ("bf16", lambda: IMBERT(saliency="gradient", k=3, max_cacc_drop=1.0, precision="bf16"), 64),
+            ("naive: one sample per pass", lambda: IMBERT(saliency="gradient", k=3, max_cacc_drop=1.0, batch_size=1), 1),
+        ],
+        "RAP": [
+            ("exact (sgd, lr 1.0, 15 epochs)", lambda: RAP(**rap_args), 64),
+            ("bf16", lambda: RAP(**rap_args, precision="bf16"), 64),
+            ("int8", lambda: RAP(**rap_args, precision="int8"), 64),
+            ("reference rule: accumulate, lr 1e-2, 5 epochs", lambda: RAP(**{**rap_args, "lr": 1e-2, "epochs": 5}, update="accumulate"), 64),
+        ],
+        "STRIP": [
+            (f"exact (N {args.strip_copies}, batch 32)", lambda: STRIP(**strip_args), 64),
+            ("early stop", lambda: STRIP(**strip_args, early_stop=True), 64),
+            ("early stop + bf16", lambda: STRIP(**strip_args, early_stop=True, precision="bf16"), 64),
+            ("bf16", lambda: STRIP(**strip_args, precision="bf16"), 64),
+            ("int8", lambda: STRIP(**strip_args, precision="int8"), 64),
+            ("pool: any class", lambda: STRIP(**strip_args, pool="any"), 64),
+            ("batch 256", lambda: STRIP(**strip_args, batch_size=256), 64),
+            ("naive: one input's copies per pass", lambda: STRIP(**strip_args, batch_size=args.strip_copies), 1),
+        ],
+        "ONION": [
+            ("exact (prefix cache)", lambda: ONION(lm=args.lm, lm_batch_size=args.lm_batch_size), 64),
+            ("batched, every variant from scratch", lambda: ONION(lm=args.lm, lm_batch_size=args.lm_batch_size, prefix_cache=False), 64),
+            ("bf16", lambda: ONION(lm=args.lm, lm_batch_size=args.lm_batch_size, precision="bf16"), 64),
+            ("int8", lambda: ONION(lm=args.lm, lm_batch_size=args.lm_batch_size, precision="int8"), 64),
+            ("naive: one sentence per batch", lambda: ONION(lm=args.lm, lm_batch_size=1_000_000, prefix_cache=False), 1),
+        ],
+    }
+    module = SimpleNamespace(model=model, device=torch.device("cpu"))
+    trainer = fake_trainer(dm, str(Path(args.out).parent))
+    results = []
+    lm_cache = {}
+    for group, options in groups.items():
+        if args.groups and group not in args.groups:
+            continue
+        k = args.option_onion_samples if group == "ONION" else args.option_samples
+        exact = None
+        for label, make, batch_size in options:
+            d = make()
+            d.held_out = lambda trainer, dev=dev: dev
+            if group == "ONION":  # one LM load for the group (int8 quantises its own copy)
+                if "lm" not in lm_cache:
+                    lm_cache["lm"] = load_causal_lm(args.lm)
+                d.lm, d.lm_tokenizer = lm_cache["lm"]
+                if d.precision == "int8":
+                    from mitigate.callbacks.defenses.base import int8_dynamic
+
+                    d.lm = int8_dynamic(d.lm)
+            start = time.perf_counter()
+            d.on_test_start(trainer, module)
+            calib = time.perf_counter() - start
+            batches = test_batches(k, batch_size)
+            start = time.perf_counter()
+            with torch.inference_mode(), d.passes(trainer, module.device):  # as the test loop runs them
+                for b, texts in batches:
+                    d.defend(trainer, module, b, texts)
+            wall = time.perf_counter() - start
+            m = {key: round(float(v) * (100 if key != "removed" else 1), 2) for key, v in d.metric.compute().items()}
+            dec = decisions(d)
+            row = {"defense": group, "option": label, "samples": 2 * k, "samples_per_s": round(2 * k / wall, 2),
+                   "calib_s": round(calib, 1), **m}
+            if hasattr(d, "used_n") and d.used_n:
+                row["copies_used"] = round(d.used_sum / d.used_n, 2)
+            if exact is None:
+                exact = (row, dec)
+                row["speedup"], row["agreement"] = 1.0, 100.0
+            else:
+                row["speedup"] = round(row["samples_per_s"] / exact[0]["samples_per_s"], 2)
+                row["agreement"] = round(100 * sum(dec[x] == exact[1].get(x) for x in dec) / max(1, len(dec)), 2)
+            results.append(row)
+            print(f"  {group} / {label}: {row}", flush=True)
+    cols = ["samples_per_s", "speedup", "agreement", "frr", "far", "auroc", "cacc", "asr", "copies_used", "calib_s"]
+    print(f"\nOptions against the exact path ({model.name_or_path}; {args.calib_samples} dev samples for every calibration; "
+          f"{torch.get_num_threads()} threads; rates in %)")
+    print("| defense | option | " + " | ".join(cols) + " |")
+    print("|---|---|" + "---|" * len(cols))
+    for r in results:
+        print(f"| {r['defense']} | {r['option']} | " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    return results
 
 
 if __name__ == "__main__":
