@@ -250,7 +250,7 @@ def test_strip_pool_any_draws_from_every_class():
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
-def test_reduced_precision_defenses_run_and_keep_the_model(tmp_path, tiny_bert, sst2_small, tiny_lm_dir, precision):
+def test_reduced_precision_defenses_give_the_same_metrics_under_ddp_and_keep_the_model(tmp_path, tiny_bert, sst2_small, tiny_lm_dir, precision):
     cfg = yaml.safe_load(defend_config(tmp_path, tiny_lm_dir).read_text())
     for cb in cfg["trainer"]["callbacks"]:
         if not (precision == "int8" and cb["class_path"].endswith("IMBERT")):
@@ -259,9 +259,15 @@ def test_reduced_precision_defenses_run_and_keep_the_model(tmp_path, tiny_bert, 
     path.write_text(yaml.safe_dump(cfg))
     before = {k: v.clone() for k, v in load_classifier_state(tiny_bert).items()}
     run_mitigate(defend_args(path, tiny_bert, sst2_small, tmp_path / "run"))
-    r = load_results(tmp_path / "run")
+    run_mitigate(defend_args(path, tiny_bert, sst2_small, tmp_path / "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp"))
+    single, ddp = load_results(tmp_path / "run"), load_results(tmp_path / "ddp")
     for name in ("rap", "strip", "onion", "imbert_g"):
-        assert f"test/{name}/samples_per_s" in r
+        assert f"test/{name}/samples_per_s" in single
+    skip = ("wall_s", "samples_per_s", "calib_s", "construct_loss")
+    # reduced precision on a random tiny model: near-ties may flip between batch compositions,
+    # so compare the rates within one sample of 10-20 (the exact path is compared to 1e-5 above)
+    diff = {k: (single[k], ddp[k]) for k in single if not k.endswith(skip) and ddp[k] != pytest.approx(single[k], abs=0.1)}
+    assert not diff
     assert all(torch.equal(v, load_classifier_state(tiny_bert)[k]) for k, v in before.items())
 
 
