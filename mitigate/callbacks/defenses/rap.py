@@ -173,7 +173,7 @@ class RAP(Defense):
         weight.data[self.word_id] = original  # the model stays as it was; the row is swapped in when defending
         log.info("%s: construction loss per epoch %s", self.name, [round(x, 4) for x in losses])
         # threshold from this rank's share of the held-out samples, gathered
-        share = texts[rank::n]
+        share = sorted(texts[rank::n], key=len)  # length-sorted batches: little padding (the order does not change a score)
         deltas, preds = [], []
         with torch.no_grad(), swapped_row(model, self.word_id, self.row):
             for s in range(0, len(share), self.batch_size):
