@@ -152,15 +152,19 @@ def onion_suspicion_cached(
         # every variant: the part scored from the full pass, and its suffix job
         sums: dict[tuple[int, int], float] = {}
         jobs = []  # (row, text, variant, c, inputs, targets)
+        at_c = []  # (text, variant, row, position c-1, token v[c]): target c scored from the full pass's logits
         for r, t in enumerate(group):
             for i, v in enumerate(variants[t]):
                 c = common_prefix(fulls[t], v)
-                s = float(csum[r, max(0, min(c, len(v)) - 1)]) if c >= 1 else 0.0  # targets 1..c-1
-                if 1 <= c < len(v):  # target c from the full text's logits at position c-1
-                    s += float(lse[r, c - 1] - logits[r, c - 1, v[c]])
-                sums[(t, i)] = s
+                sums[(t, i)] = float(csum[r, max(0, min(c, len(v)) - 1)]) if c >= 1 else 0.0  # targets 1..c-1
+                if 1 <= c < len(v):
+                    at_c.append((t, i, r, c - 1, v[c]))
                 if len(v) - 1 > c:  # targets c+1.. from positions c..: run tokens c..len-2 on the cache cut at c
                     jobs.append((r, t, i, c, v[c : len(v) - 1], v[c + 1 :]))
+        if at_c:  # one gather for all of them (no per-variant device sync)
+            rr, pp, tt = (torch.tensor([x[k] for x in at_c], device=device) for k in (2, 3, 4))
+            for (t, i, *_), nll in zip(at_c, (lse[rr, pp] - logits[rr, pp, tt]).tolist()):
+                sums[(t, i)] += nll
         del logits
         jobs.sort(key=lambda j: len(j[4]))
         for s0 in range(0, len(jobs), batch_size):
@@ -178,9 +182,12 @@ def onion_suspicion_cached(
             rows = torch.tensor([j[0] for j in chunk], device=device)
             cache = DynamicCache(ddp_cache_data=[(k[rows, :, :C], v[rows, :, :C]) for k, v in kv]) if C > 0 else None
             lg = lm(input_ids=x.to(device), attention_mask=am.to(device), position_ids=pos.to(device), **{key: cache}).logits.float()
-            for b, (_, t, i, _, inp, targets) in enumerate(chunk):
-                y = torch.tensor(targets, device=device)
-                sums[(t, i)] += float(F.cross_entropy(lg[b, : len(inp)], y, reduction="sum"))
+            y = torch.full((len(chunk), S), -100, dtype=torch.long)
+            for b, (*_, inp, targets) in enumerate(chunk):
+                y[b, : len(inp)] = torch.tensor(targets)
+            nll = F.cross_entropy(lg.transpose(1, 2), y.to(device), reduction="none", ignore_index=-100).sum(1).tolist()
+            for (_, t, i, *_), v in zip(chunk, nll):
+                sums[(t, i)] += v
         for r, t in enumerate(group):
             base = math.exp(full_nll[r]) if not math.isnan(full_nll[r]) else math.nan
             for i, v in enumerate(variants[t]):
