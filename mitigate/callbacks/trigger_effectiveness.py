@@ -11,33 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 
+from mitigate.callbacks.defenses.base import classify_texts
 from mitigate.task_agnostic import summarise_effectiveness, trigger_effectiveness
 
 log = logging.getLogger(__name__)
-
-
-def batch_predictor(model, tokenizer, max_length: int = 128, batch_size: int = 128):
-    """texts -> predicted labels, length-sorted batches on the model's device."""
-    device = next(model.parameters()).device
-
-    @torch.no_grad()
-    def predict(texts: list[str]) -> list[int]:
-        was_training = model.training
-        model.eval()
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = [0] * len(texts)
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
-            enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            preds = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)).logits.argmax(-1)
-            for i, p in zip(idx, preds.tolist()):
-                out[i] = p
-        model.train(was_training)
-        return out
-
-    return predict
 
 
 class TriggerEffectiveness(pl.Callback):
@@ -67,7 +45,11 @@ class TriggerEffectiveness(pl.Callback):
         texts = [ex.text for ex in dm.clean_splits["test"]]
         if self.max_texts is not None and len(texts) > self.max_texts:
             texts = random.Random(self.seed).sample(texts, self.max_texts)
-        predict = batch_predictor(pl_module.model, dm.tokenizer, dm.hparams.max_length, self.batch_size)
+        model, tok, max_len = pl_module.model, dm.tokenizer, dm.hparams.max_length
+
+        def predict(batch: list[str]) -> list[int]:
+            return classify_texts(model, tok, batch, self.batch_size, max_len).argmax(-1).tolist()
+
         per = {}
         for trig in self.triggers:
             per[trig] = r = trigger_effectiveness(predict, texts, trig, self.t_max, self.seed)
