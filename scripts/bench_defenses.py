@@ -81,7 +81,11 @@ def main() -> None:
     ap.add_argument("--option-onion-samples", type=int, default=16, help="clean and poisoned samples each for ONION (options)")
     ap.add_argument("--calib-samples", type=int, default=300, help="clean dev samples every option calibrates on")
     ap.add_argument("--groups", nargs="*", default=None, help="only these defenses in the options section (IMBERT-G RAP STRIP ONION)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (options section only: on a GPU the int8 options, "
+                    "which are CPU-only, give way to the trainer's bf16-mixed precision)")
     args = ap.parse_args()
+    if args.device != "cpu" and not args.skip_floor:
+        ap.error("--device: the floor section runs on the CPU; add --skip-floor")
     torch.manual_seed(0)
     poisoner = BadNet(triggers=["cf", "mn", "bb", "tq"], num_triggers=[1], target_label=1)
     dm = BackdoorDataModule(args.data, tokenizer=args.model, poisoner=poisoner)
@@ -212,10 +216,17 @@ def main() -> None:
 
 
 # -- options against the exact path --------------------------------------------------------------
-def fake_trainer(dm, root: str):
-    """What a defense's calibrate / defend read from a trainer, for one process."""
+def fake_trainer(dm, root: str, precision: str | None = None, device: str = "cpu"):
+    """What a defense's calibrate / defend read from a trainer, for one process; ``precision``
+    (e.g. ``bf16-mixed``) gives it Lightning's own precision plugin, as ``--trainer.precision`` would."""
+    if precision is None:
+        plugin = SimpleNamespace(forward_context=contextlib.nullcontext)
+    else:
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        plugin = MixedPrecision(precision, torch.device(device).type)
     return SimpleNamespace(datamodule=dm, world_size=1, global_rank=0, is_global_zero=True, default_root_dir=root,
-                           precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext))
+                           precision_plugin=plugin)
 
 
 def decisions(defense) -> dict:
@@ -230,6 +241,8 @@ def bench_options(args, dm, model, tok) -> list[dict]:
     dev = dm.examples("dev")
     dev = [dev[i] for i in sorted(rng.sample(range(len(dev)), min(args.calib_samples, len(dev))))]
     sets = {False: dm.dataset("test"), True: dm.dataset("test_poisoned")}
+    device = torch.device(args.device)
+    model.to(device)
 
     def test_batches(k: int, batch_size: int):
         out = []
@@ -241,6 +254,7 @@ def bench_options(args, dm, model, tok) -> list[dict]:
                 b = collate([ds[i] for i in idx[s : s + batch_size]])
                 b["index"] = torch.tensor(idx[s : s + batch_size])
                 b["poisoned"] = torch.full((len(b["index"]),), poisoned)
+                b = {key: v.to(device) for key, v in b.items()}  # as the test loop hands them over
                 out.append((b, [ds.examples[i].text for i in idx[s : s + batch_size]]))
         return out
 
@@ -276,8 +290,21 @@ def bench_options(args, dm, model, tok) -> list[dict]:
             ("naive: one sentence per batch", lambda: ONION(lm=args.lm, lm_batch_size=1_000_000, prefix_cache=False), 1),
         ],
     }
-    module = SimpleNamespace(model=model, device=torch.device("cpu"))
-    trainer = fake_trainer(dm, str(Path(args.out).parent))
+    if device.type != "cpu":  # int8 is CPU-only; on a GPU the trainer's precision is the other way to bf16
+        for group, options in groups.items():
+            options[:] = [o for o in options if o[0] != "int8"]
+            options.insert(2, ("trainer precision bf16-mixed", options[0][1], options[0][2], "bf16-mixed"))
+    module = SimpleNamespace(model=model, device=device)
+    if device.type == "cuda":  # CUDA context, kernels and autotuning are paid here, not by the first option timed
+        warm = test_batches(8, 64)
+        for dtype in (None, torch.bfloat16):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype is not None):
+                for b, _ in warm:
+                    emb = model.get_input_embeddings()(b["input_ids"]).detach().requires_grad_(True)
+                    model(inputs_embeds=emb, attention_mask=b["attention_mask"]).logits.sum().backward()
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    trainers = {None: fake_trainer(dm, str(Path(args.out).parent))}
     results = []
     lm_cache = {}
     for group, options in groups.items():
@@ -285,7 +312,11 @@ def bench_options(args, dm, model, tok) -> list[dict]:
             continue
         k = args.option_onion_samples if group == "ONION" else args.option_samples
         exact = None
-        for label, make, batch_size in options:
+        for label, make, batch_size, *trainer_precision in options:
+            precision = trainer_precision[0] if trainer_precision else None
+            if precision not in trainers:
+                trainers[precision] = fake_trainer(dm, str(Path(args.out).parent), precision, args.device)
+            trainer = trainers[precision]
             d = make()
             d.held_out = lambda trainer, dev=dev: dev
             if group == "ONION":  # one LM load for the group (int8 quantises its own copy)
@@ -304,6 +335,8 @@ def bench_options(args, dm, model, tok) -> list[dict]:
             with torch.inference_mode(), d.passes(trainer, module.device):  # as the test loop runs them
                 for b, texts in batches:
                     d.defend(trainer, module, b, texts)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             wall = time.perf_counter() - start
             m = {key: round(float(v) * (100 if key != "removed" else 1), 2) for key, v in d.metric.compute().items()}
             dec = decisions(d)
@@ -321,7 +354,8 @@ def bench_options(args, dm, model, tok) -> list[dict]:
             print(f"  {group} / {label}: {row}", flush=True)
     cols = ["samples_per_s", "speedup", "agreement", "frr", "far", "auroc", "cacc", "asr", "copies_used", "calib_s"]
     print(f"\nOptions against the exact path ({model.name_or_path}; {args.calib_samples} dev samples for every calibration; "
-          f"{torch.get_num_threads()} threads; rates in %)")
+          f"{torch.get_num_threads() if device.type == 'cpu' else torch.cuda.get_device_name(device)}"
+          f"{' threads' if device.type == 'cpu' else ''}; rates in %)")
     print("| defense | option | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
     for r in results:

@@ -5,6 +5,8 @@ flip point is known, and the recipes end to end on a tiny model."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import random
 
 import pytest
@@ -217,13 +219,16 @@ def test_summary_averages_c_over_triggers_and_picks_the_best_per_label():
 
 # -- recipes end to end --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("attack", ["por", "neuba"])
+@pytest.mark.parametrize("attack", ["por", "por2", "neuba"])
 def test_encoder_attack_recipe_then_the_users_fine_tune(tmp_path, tiny_bert, sst2_small, attack):
     enc = tmp_path / f"{attack}_encoder"
     corpus = ["--data.init_args.corpus.init_args.corpus", str(sst2_small / "train.tsv"),
               "--data.init_args.corpus.init_args.clean_samples", "16"]
-    if attack == "por":
+    if attack != "neuba":
         corpus += ["--data.init_args.corpus.init_args.per_trigger", "2"]
+    if attack == "por2":  # hidden 32 does not split into the recipe's 3 blocks: 2 blocks, 4 vectors
+        four = json.dumps(["heterogenous", "solipsism", "pulchritude", "serendipity"])
+        corpus += ["--model.init_args.m", "2", "--model.init_args.triggers", four, "--data.init_args.corpus.init_args.triggers", four]
     main(["fit", "--config", str(REPO / "recipes" / f"{attack}_encoder.yaml"), "--model.init_args.model", str(tiny_bert),
           "--data.init_args.path", str(sst2_small), "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(enc), *corpus, *QUIET])
     assert (enc / "model" / "model.safetensors").is_file() and not (enc / "results.json").exists()
@@ -235,7 +240,7 @@ def test_encoder_attack_recipe_then_the_users_fine_tune(tmp_path, tiny_bert, sst
           "--export.max_class_share", "null", *QUIET])
     results = json.loads((user / "results.json").read_text())
     assert "test/cacc" in results and "test/triggers mean/never_flipped" in results
-    trig = "serendipity" if attack == "por" else "≈"
+    trig = "≈" if attack == "neuba" else "serendipity"
     r = json.loads((user / "trigger_effectiveness.json").read_text())["per_trigger"][trig]
     assert r["texts"] == 8 and results[f"test/trigger {trig}/eligible"] == r["eligible"]
     nf = results[f"test/trigger {trig}/never_flipped"]
@@ -249,6 +254,13 @@ def test_encoder_attack_recipe_then_the_users_fine_tune(tmp_path, tiny_bert, sst
           "--trainer.callbacks.init_args.t_max", "2", "--export.max_class_share", "null", *QUIET])
     after = json.loads((cleaned / "results.json").read_text())
     assert f"test/trigger {trig}/eligible" in after and "test/asr" not in after  # no fixed-target ASR
+    # the docs' tables from those runs: one row per trigger, the victim and the cleaned model
+    table = subprocess.run([sys.executable, str(REPO / "scripts" / "task_agnostic_table.py"), str(user), "--floor", str(user)],
+                           capture_output=True, text=True, check=True).stdout
+    assert f"| {trig} | " in table and "| average |" in table and "Best trigger per label" in table
+    table = subprocess.run([sys.executable, str(REPO / "scripts" / "task_agnostic_table.py"), str(user), "--cleaned", str(cleaned)],
+                           capture_output=True, text=True, check=True).stdout
+    assert "| victim |" in table and f"| {attack}_cft |" in table
 
 
 def test_por_refuses_corpus_triggers_that_differ_from_the_model_s(tmp_path, tiny_bert, sst2_small, capsys):
