@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--option-onion-samples", type=int, default=16, help="clean and poisoned samples each for ONION (options)")
     ap.add_argument("--calib-samples", type=int, default=300, help="clean dev samples every option calibrates on")
     ap.add_argument("--groups", nargs="*", default=None, help="only these defenses in the options section (IMBERT-G RAP STRIP ONION)")
+    ap.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"],
+                    help="the classifier's attention in the options section (sdpa: what `mitigate test` loads)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (options section only: on a GPU the int8 options, "
                     "which are CPU-only, give way to the trainer's bf16-mixed precision)")
     args = ap.parse_args()
@@ -136,6 +138,8 @@ def main() -> None:
         f"STRIP (N={args.strip_copies})": (run_all(strip, batches), args.strip_copies + 1),
     }
     if not args.no_options:
+        if args.attention != model.config._attn_implementation:
+            model = load_classifier(args.model, attn_implementation=args.attention).eval()
         options = bench_options(args, dm, model, tok)
         Path(args.out).with_name("bench_defense_options.json").write_text(json.dumps(options, indent=2))
     if args.skip_floor:
@@ -277,6 +281,8 @@ def bench_options(args, dm, model, tok) -> list[dict]:
             ("early stop", lambda: STRIP(**strip_args, early_stop=True), 64),
             ("early stop + bf16", lambda: STRIP(**strip_args, early_stop=True, precision="bf16"), 64),
             ("bf16", lambda: STRIP(**strip_args, precision="bf16"), 64),
+            ("bf16, batch 128", lambda: STRIP(**strip_args, precision="bf16", batch_size=128), 64),
+            ("bf16, batch 256", lambda: STRIP(**strip_args, precision="bf16", batch_size=256), 64),
             ("int8", lambda: STRIP(**strip_args, precision="int8"), 64),
             ("pool: any class", lambda: STRIP(**strip_args, pool="any"), 64),
             ("batch 256", lambda: STRIP(**strip_args, batch_size=256), 64),
