@@ -280,6 +280,7 @@ def bench_options(args, dm, model, tok) -> list[dict]:
             (f"exact (N {args.strip_copies}, batch 32)", lambda: STRIP(**strip_args), 64),
             ("early stop", lambda: STRIP(**strip_args, early_stop=True), 64),
             ("early stop + bf16", lambda: STRIP(**strip_args, early_stop=True, precision="bf16"), 64),
+            ("early stop (min 10, z 3) + bf16", lambda: STRIP(**strip_args, early_stop=True, min_copies=10, z=3.0, precision="bf16"), 64),
             ("bf16", lambda: STRIP(**strip_args, precision="bf16"), 64),
             ("bf16, batch 128", lambda: STRIP(**strip_args, precision="bf16", batch_size=128), 64),
             ("bf16, batch 256", lambda: STRIP(**strip_args, precision="bf16", batch_size=256), 64),
