@@ -97,7 +97,8 @@ def main() -> None:
     examples = pick(clean, args.samples) + pick(poisoned, args.samples)
     onion_examples = pick(clean, args.onion_samples) + pick(poisoned, args.onion_samples)
     tok = dm.tokenizer
-    model = load_classifier(args.model, attn_implementation="eager").eval()
+    # the floor section's passes use eager attention; the options section the one `mitigate test` loads
+    model = load_classifier(args.model, attn_implementation=args.attention if args.skip_floor else "eager").eval()
     batches = batches_of(examples, tok, args.batch_size)
     singles = batches_of(examples, tok, 1)
     n = len(examples)
@@ -304,8 +305,8 @@ def bench_options(args, dm, model, tok) -> list[dict]:
     module = SimpleNamespace(model=model, device=device)
     if device.type == "cuda":  # CUDA context, kernels and autotuning are paid here, not by the first option timed
         warm = test_batches(8, 64)
-        for dtype in (None, torch.bfloat16):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype is not None):
+        for bf16 in (False, True):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
                 for b, _ in warm:
                     emb = model.get_input_embeddings()(b["input_ids"]).detach().requires_grad_(True)
                     model(inputs_embeds=emb, attention_mask=b["attention_mask"]).logits.sum().backward()

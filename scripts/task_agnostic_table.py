@@ -32,8 +32,8 @@ def pct(x) -> str:
 
 def trigger_table(run: str, floor: str | None) -> str:
     cacc, per, summary = load(run)
-    fper = load(floor)[1] if floor else {}
-    out = [f"**{run}**: CACC {100 * cacc:.2f}" + (f"; floor {floor}: CACC {100 * load(floor)[0]:.2f}" if floor else ""), ""]
+    fcacc, fper, _ = load(floor) if floor else (None, {}, None)
+    out = [f"**{run}**: CACC {100 * cacc:.2f}" + (f"; floor {floor}: CACC {100 * fcacc:.2f}" if floor else ""), ""]
     out.append("| trigger | label | ASR@1 / @3 / @5 | never flipped | E | S | C | floor: label, ASR@1, never flipped |")
     out.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for t, r in per.items():
