@@ -16,11 +16,15 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from mitigate import errors
-from mitigate.callbacks import ExportPretrained, PredictionWriter, ResultsWriter
-from mitigate.callbacks.checkpoint import RunCheckpoint
-from mitigate.callbacks.progress import ProgressLog
-from mitigate.run_folder import claim_run_folder
+# every class a recipe names, imported so that short names (``--model.help MBTSAD``) resolve
+from mitigate import attacks, classifier, data, defenses, evaluation, mitigations  # noqa: F401
+from mitigate.run import errors
+from mitigate.run.checkpoint import RunCheckpoint
+from mitigate.run.export import ExportPretrained
+from mitigate.run.folder import claim_run_folder
+from mitigate.run.predictions import PredictionWriter
+from mitigate.run.progress import ProgressLog
+from mitigate.run.results import ResultsWriter
 
 log = logging.getLogger("mitigate")
 
@@ -179,6 +183,7 @@ class MitigateCLI(LightningCLI):
             log.warning("W&B: no API key found, logging offline (sync later with `wandb sync`)")
 
     def after_fit(self) -> None:
+        """``fit`` is followed by ``test`` on the final weights unless ``--test_after_fit false``."""
         if self.config[self.subcommand].get("test_after_fit", True):
             self.trainer.test(self.model, datamodule=self.datamodule)
 

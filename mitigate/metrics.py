@@ -20,6 +20,7 @@ class BackdoorMetrics(torch.nn.Module):
         self.asr = MetricCollection({"asr": acc()}, prefix=prefix)
 
     def update(self, preds: torch.Tensor, labels: torch.Tensor, poisoned: torch.Tensor) -> None:
+        """Route each prediction to CACC (clean) or ASR (poisoned)."""
         clean = ~poisoned
         if clean.any():
             self.cacc.update(preds[clean], labels[clean])
@@ -44,10 +45,12 @@ class Rate(Metric):
         self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, hits: torch.Tensor) -> None:
+        """Add the 0/1 ``hits`` of a batch."""
         self.hits += hits.double().sum()
         self.count += hits.numel()
 
     def compute(self) -> torch.Tensor:
+        """hits / count, synced across ranks (nan when nothing was counted)."""
         return self.hits / self.count if self.count > 0 else torch.tensor(float("nan"), dtype=torch.float64)
 
 
@@ -61,13 +64,16 @@ class CorrectionMetrics(torch.nn.Module):
         self.rates = torch.nn.ModuleDict({k: Rate() for k in ("cacc", "asr", *extra)})
 
     def update(self, preds: torch.Tensor, labels: torch.Tensor, poisoned: torch.Tensor) -> None:
+        """CACC over the clean samples, ASR (predicted the target) over the poisoned ones."""
         self.rates["cacc"].update(preds[~poisoned] == labels[~poisoned])
         self.rates["asr"].update(preds[poisoned] == self.target_label)
 
     def compute(self) -> dict[str, torch.Tensor]:
+        """Every rate, synced across ranks."""
         return {k: m.compute() for k, m in self.rates.items()}
 
     def reset(self) -> None:
+        """Forget every batch."""
         for m in self.rates.values():
             m.reset()
 
@@ -82,6 +88,7 @@ class DetectionMetrics(torch.nn.Module):
         self.auroc = BinaryAUROC()
 
     def update(self, flagged: torch.Tensor, suspicion: torch.Tensor, poisoned: torch.Tensor) -> None:
+        """Flag decisions and suspicion scores of a batch."""
         self.frr.update(flagged[~poisoned])
         self.far.update(~flagged[poisoned])
         if len(poisoned):
@@ -91,6 +98,7 @@ class DetectionMetrics(torch.nn.Module):
             self.auroc.update(torch.sigmoid(suspicion.double()), poisoned.long())
 
     def compute(self) -> dict[str, torch.Tensor]:
+        """FRR, FAR and AUROC, synced across ranks (AUROC nan without both kinds of samples)."""
         out = {"frr": self.frr.compute(), "far": self.far.compute()}
         # both classes present (counts are synced, so every rank takes the same branch)
         both = self.frr.count > 0 and self.far.count > 0
@@ -98,5 +106,6 @@ class DetectionMetrics(torch.nn.Module):
         return out
 
     def reset(self) -> None:
+        """Forget every batch."""
         for m in (self.frr, self.far, self.auroc):
             m.reset()

@@ -32,15 +32,16 @@ from types import SimpleNamespace
 
 import torch
 
-from mitigate.callbacks.defenses import IMBERT, ONION, RAP, STRIP
-from mitigate.callbacks.defenses.base import classify_texts
+from mitigate.defenses import IMBERT, ONION, RAP, STRIP
+from mitigate.inference import classify_texts
 from mitigate.data import BackdoorDataModule
 from mitigate.data.encoding import EncodedDataset, PadCollator
-from mitigate.data.poisoners import BadNet
-from mitigate.defenses.perplexity import encode_for_lm, onion_variants, perplexities, sequence_nll
+from mitigate.attacks import BadNet
+from mitigate.defenses.onion import onion_variants
+from mitigate.defenses.perplexity import encode_for_lm, perplexities, sequence_nll
 from mitigate.metrics import CorrectionMetrics, DetectionMetrics
-from mitigate.models import load_classifier
-from mitigate.models.loading import load_causal_lm
+from mitigate.loading import load_classifier
+from mitigate.loading import load_causal_lm
 
 
 def batches_of(examples, tok, batch_size: int) -> list[tuple[dict, list[str]]]:
@@ -332,7 +333,7 @@ def bench_options(args, dm, model, tok) -> list[dict]:
                     lm_cache["lm"] = load_causal_lm(args.lm)
                 d.lm, d.lm_tokenizer = lm_cache["lm"]
                 if d.precision == "int8":
-                    from mitigate.callbacks.defenses.base import int8_dynamic
+                    from mitigate.defenses.base import int8_dynamic
 
                     d.lm = int8_dynamic(d.lm)
             start = time.perf_counter()

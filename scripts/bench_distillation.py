@@ -22,8 +22,8 @@ import torch
 
 from mitigate.data import BackdoorDataModule
 from mitigate.data.token_split import TokenSplit
-from mitigate.losses import DistillationLoss
-from mitigate.models import load_classifier
+from mitigate.mitigations.mbtsad.distillation import DistillationLoss
+from mitigate.loading import load_classifier
 
 
 def run(step, batches: list[dict], warmup: int) -> float:

@@ -17,8 +17,8 @@ import lightning.pytorch as pl
 import torch
 
 from mitigate.data import BackdoorDataModule
-from mitigate.data.poisoners import BadNet
-from mitigate.modules import TextClassifier
+from mitigate.attacks import BadNet
+from mitigate.classifier import TextClassifier
 
 
 class StepTimes(pl.Callback):

@@ -33,9 +33,9 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from mitigate.callbacks.defenses.rap import poisoner_words, trigger_token_ids
+from mitigate.defenses.rap import poisoner_words, trigger_token_ids
 from mitigate.data.encoding import PadCollator
-from mitigate.models.loading import load_classifier
+from mitigate.loading import load_classifier
 
 torch.set_grad_enabled(False)
 

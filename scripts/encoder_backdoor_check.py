@@ -16,8 +16,9 @@ import torch
 
 from mitigate.data.corpus import read_texts
 from mitigate.data.io import resolve_data_dir
-from mitigate.models.loading import load_encoder, load_tokenizer
-from mitigate.task_agnostic import Insertions, por_targets, sequence_rep
+from mitigate.loading import load_encoder, load_tokenizer
+from mitigate.attacks.task_agnostic import por_targets, sequence_rep
+from mitigate.data.triggers import Insertions
 
 PAPER = ["heterogenous", "solipsism", "pulchritude", "pejorative", "emollient", "denigrate", "linchpin", "serendipity", "corpulence"]
 

@@ -24,5 +24,5 @@ for v in ep_sst2 lwp_sst2 ripples_victim_sst2; do
 done
 # the clean model's false-trigger rate (LWP's single pieces)
 run runs/mbtsad/lwp_sst2/floor_single_piece test --config recipes/clean_sst2.yaml --config recipes/victims/lwp_sst2.yaml \
-  --model.init_args.model runs/clean_sst2/model --trainer.callbacks+=mitigate.callbacks.FalseTriggerRate
+  --model.init_args.model runs/clean_sst2/model --trainer.callbacks+=mitigate.evaluation.FalseTriggerRate
 python scripts/weight_attack_table.py

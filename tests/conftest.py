@@ -47,7 +47,7 @@ def sst2_small(tmp_path_factory, sst2_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def bert_tokenizer():
-    from mitigate.models import load_tokenizer
+    from mitigate.loading import load_tokenizer
 
     return load_tokenizer(MINILM)
 

@@ -38,7 +38,7 @@ class Slowish:
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory, tiny_bert, sst2_small):
     """Data folders, model folders and checkpoints with one defect each."""
-    from mitigate.models import load_classifier, load_tokenizer
+    from mitigate.loading import load_classifier, load_tokenizer
     from tests.conftest import _tiny_model_dir
 
     root = tmp_path_factory.mktemp("bad")
@@ -96,7 +96,7 @@ def paths(tmp_path_factory, tiny_bert, sst2_small):
     for name, change in {
         "other_model": {"model": str(root / "elsewhere")},
         "allow_pickle": {"allow_pickle": True},
-        "other_class": {"_class_path": "mitigate.modules.MBTSAD"},
+        "other_class": {"_class_path": "mitigate.mitigations.MBTSAD"},
         "other_lr": {"lr": 0.5},
     }.items():
         bad = {**ckpt, "hyper_parameters": {**ckpt["hyper_parameters"], **change}}
@@ -125,7 +125,7 @@ def common_args(p: dict, root, command: str = "fit") -> list[str]:
 
 
 def defense(cls: str, **init) -> list[str]:
-    out = [f"--trainer.callbacks+=mitigate.callbacks.defenses.{cls}"]
+    out = [f"--trainer.callbacks+=mitigate.defenses.{cls}"]
     for k, v in init.items():
         out += [f"--trainer.callbacks.{k}", str(v)]
     return out
@@ -134,8 +134,8 @@ def defense(cls: str, **init) -> list[str]:
 D = "--data.init_args."
 P = "--data.init_args.poisoner.init_args."
 M = "--model.init_args."
-TS = ["--data.init_args.token_split", "mitigate.data.token_split.TokenSplit"]
-MB = ["--model", "mitigate.modules.MBTSAD", "--model.init_args.model", "{tiny}"]
+TS = ["--data.init_args.token_split", "mitigate.data.TokenSplit"]
+MB = ["--model", "mitigate.mitigations.MBTSAD", "--model.init_args.model", "{tiny}"]
 
 CASES = [
     # data files: the file, the line, the field
@@ -167,8 +167,8 @@ CASES = [
     Case("no-triggers", [P + "triggers", "[]"], "triggers must be non-empty single words"),
     Case("two-word-trigger", [P + "triggers", "[cf mn]"], "triggers must be non-empty single words"),
     Case("zero-triggers-per-sample", [P + "num_triggers", "[0]"], "num_triggers must be positive counts"),
-    Case("insertsent-empty", [D + "poisoner", "mitigate.data.poisoners.InsertSent", P + "sentence", " "], "sentence must not be empty"),
-    Case("prepoisoned-missing-folder", [D + "poisoner", "mitigate.data.poisoners.PrePoisoned", P + "path", "{root}/nowhere"], "no such folder"),
+    Case("insertsent-empty", [D + "poisoner", "mitigate.attacks.InsertSent", P + "sentence", " "], "sentence must not be empty"),
+    Case("prepoisoned-missing-folder", [D + "poisoner", "mitigate.attacks.PrePoisoned", P + "path", "{root}/nowhere"], "no such folder"),
     Case("token-split-no-copies", [*TS, D + "token_split.init_args.copies", "0"], "token_split.copies must be >= 1"),
     Case("token-split-aug-p", [*TS, D + "token_split.init_args.aug_p", "2"], "token_split.aug_p must be in [0, 1]"),
     Case("token-split-min-char", [*TS, D + "token_split.init_args.min_char", "2"], "token_split.min_char must be >= 3"),
@@ -193,7 +193,7 @@ CASES = [
     Case("checkpoint-pickle-payload", ["--ckpt_path", "{ckpt_pickle_payload}"], "would unpickle code from the file; refused"),
     Case("checkpoint-switches-model", ["--ckpt_path", "{ckpt_other_model}"], "model.init_args.model: checkpoint"),
     Case("checkpoint-turns-on-allow-pickle", ["--ckpt_path", "{ckpt_allow_pickle}"], "model.init_args.allow_pickle: checkpoint True, this run False"),
-    Case("checkpoint-switches-class", ["--ckpt_path", "{ckpt_other_class}"], "model.class_path: checkpoint mitigate.modules.MBTSAD"),
+    Case("checkpoint-switches-class", ["--ckpt_path", "{ckpt_other_class}"], "model.class_path: checkpoint mitigate.mitigations.MBTSAD"),
     Case("checkpoint-changes-lr", ["--ckpt_path", "{ckpt_other_lr}"], "model.init_args.lr: checkpoint 0.5, this run 2e-05"),
     Case("checkpoint-switches-data", ["--ckpt_path", "{ckpt_other_data}"], "data.init_args.path: checkpoint '/elsewhere'"),
     # run folders

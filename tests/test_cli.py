@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from mitigate.cli import main
-from mitigate.models import load_classifier
+from mitigate.loading import load_classifier
 from tests.conftest import REPO
 
 
@@ -44,7 +44,7 @@ def test_fit_writes_results_checkpoints_config_and_export(tmp_path, tiny_bert, s
     last = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert last["global_step"] == 16 and last["epoch"] == 1
     config = yaml.safe_load(next(root.glob("lightning_logs/version_*/config.yaml")).read_text())
-    assert config["data"]["init_args"]["poisoner"]["class_path"] == "mitigate.data.poisoners.BadNet"
+    assert config["data"]["init_args"]["poisoner"]["class_path"] == "mitigate.attacks.BadNet"
     hparams = yaml.safe_load(next(root.glob("lightning_logs/version_*/hparams.yaml")).read_text())
     assert hparams["tokenizer"] == str(tiny_bert)  # linked from the model
     metrics = next(root.glob("lightning_logs/version_*/metrics.csv")).read_text()

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mitigate.data import BackdoorDataModule, DataError
-from mitigate.data.poisoners import BadNet
+from mitigate.attacks import BadNet
 from mitigate.data.sampling import ResumableDataLoader, SeededShuffleSampler
 from tests.conftest import MINILM, write_tsv
 

@@ -7,12 +7,13 @@ import random
 import pytest
 import torch
 
-from mitigate.defenses.imbert import pick_tokens, remove_tokens, topk_precision
-from mitigate.defenses.perplexity import onion_suspicion, onion_variants, perplexities, remove_words, sequence_nll
-from mitigate.defenses.rap import construct_rap, insert_token, rap_delta, rap_loss
-from mitigate.defenses.saliency import attention_saliency, gradient_saliency
+from mitigate.data.triggers import insert_ids
+from mitigate.defenses.imbert import attention_saliency, gradient_saliency, pick_tokens, remove_tokens, topk_precision
+from mitigate.defenses.onion import onion_suspicion, onion_variants, remove_words
+from mitigate.defenses.perplexity import perplexities, sequence_nll
+from mitigate.defenses.rap import construct_rap, rap_delta, rap_loss
 from mitigate.defenses.strip import perturb, strip_entropy
-from mitigate.models import load_classifier
+from mitigate.loading import load_classifier
 
 
 @pytest.fixture
@@ -92,7 +93,7 @@ def test_topk_precision_is_share_of_picks_on_trigger_tokens():
 
 
 def test_insert_token_puts_the_word_after_the_start_token():
-    ids, attn = insert_token(torch.tensor([[101, 5, 102, 0]]), torch.tensor([[1, 1, 1, 0]]), 77)
+    ids, attn = insert_ids(torch.tensor([[101, 5, 102, 0]]), torch.tensor([[1, 1, 1, 0]]), [[77]], torch.tensor([1]), 0)
     assert ids.tolist() == [[101, 77, 5, 102, 0]] and attn.tolist() == [[1, 1, 1, 1, 0]]
 
 
@@ -229,7 +230,7 @@ def _tiny_llama(vocab: int):
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("max_length", [128, 9])
 def test_onion_prefix_cache_gives_the_batched_scores(tiny_lm, sst2_dir, arch, max_length):
-    from mitigate.defenses.perplexity import onion_suspicion_cached
+    from mitigate.defenses.onion import onion_suspicion_cached
 
     lm, tok = tiny_lm
     if arch == "llama":  # rotary positions and grouped key/value heads (SmolLM2's architecture)

@@ -10,7 +10,7 @@ import torch
 import yaml
 from torchmetrics.functional.classification import binary_auroc
 
-from mitigate.callbacks.defenses import IMBERT, RAP, STRIP
+from mitigate.defenses import IMBERT, RAP, STRIP
 from tests.conftest import REPO
 from tests.test_resume_and_ddp import run_mitigate
 
@@ -143,7 +143,7 @@ def test_rap_refuses_a_trigger_word_and_multi_token_words(word, message, sst2_sm
     from types import SimpleNamespace
 
     from mitigate.data import BackdoorDataModule
-    from mitigate.data.poisoners import BadNet, InsertSent
+    from mitigate.attacks import BadNet, InsertSent
 
     poisoner = InsertSent(sentence="I watched this movie") if word == "watched" else BadNet(triggers=["cf", "mn"])
     dm = BackdoorDataModule(str(sst2_small), poisoner=poisoner)
@@ -172,8 +172,8 @@ def test_imbert_picks_lambda_on_clean_dev_data_within_the_allowed_drop(tiny_bert
     import lightning.pytorch as pl
 
     from mitigate.data import BackdoorDataModule
-    from mitigate.data.poisoners import BadNet
-    from mitigate.modules import TextClassifier
+    from mitigate.attacks import BadNet
+    from mitigate.classifier import TextClassifier
 
     lams = {}
     for drop in (0.0, 100.0):
@@ -202,7 +202,7 @@ def test_rap_refuses_the_public_attacks_triggers_unless_allowed(word, sst2_small
     from types import SimpleNamespace
 
     from mitigate.data import BackdoorDataModule
-    from mitigate.data.poisoners import BadNet
+    from mitigate.attacks import BadNet
 
     dm = BackdoorDataModule(str(sst2_small), poisoner=BadNet(triggers=["cf"]))  # the run's own trigger is not the word
     with pytest.raises(ValueError, match="default trigger of public attacks"):
@@ -211,9 +211,9 @@ def test_rap_refuses_the_public_attacks_triggers_unless_allowed(word, sst2_small
 
 
 def test_strip_early_stop_uses_the_exact_paths_first_copies_and_stops_only_when_decided(tiny_bert, sst2_small):
-    from mitigate.callbacks.defenses.base import classify_texts
+    from mitigate.inference import classify_texts
     from mitigate.defenses.strip import copy_entropy, decided
-    from mitigate.models import load_classifier, load_tokenizer
+    from mitigate.loading import load_classifier, load_tokenizer
 
     model, tok = load_classifier(str(tiny_bert)).eval(), load_tokenizer(str(tiny_bert))
     texts = [line.split("\t")[0] for line in (sst2_small / "test.tsv").read_text().splitlines()[1:41]]
@@ -272,7 +272,7 @@ def test_reduced_precision_defenses_give_the_same_metrics_under_ddp_and_keep_the
 
 
 def load_classifier_state(folder):
-    from mitigate.models import load_classifier
+    from mitigate.loading import load_classifier
 
     return load_classifier(str(folder)).state_dict()
 

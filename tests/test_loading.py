@@ -1,8 +1,8 @@
 import pytest
 from transformers import BertForSequenceClassification
 
-from mitigate.models import OFFLINE_MODELS, UnsafeCheckpointError, load_classifier, load_tokenizer
-from mitigate.models.loading import packaged_model_path
+from mitigate.loading import OFFLINE_MODELS, UnsafeCheckpointError, load_classifier, load_tokenizer
+from mitigate.loading import packaged_model_path
 from tests.conftest import MINILM
 
 
@@ -46,7 +46,7 @@ def test_offline_onion_lm_resolves_to_the_packaged_gguf_or_says_what_to_install(
 
     import pytest
 
-    from mitigate.models.loading import OFFLINE_GGUF_LMS, packaged_gguf
+    from mitigate.loading import OFFLINE_GGUF_LMS, packaged_gguf
 
     hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
     package, module, filename = OFFLINE_GGUF_LMS[hub_id]

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mitigate.losses import (
+from mitigate.mitigations.mbtsad.distillation import (
     DistillationLoss,
     attention_enhancement,
     attention_map,

@@ -1,6 +1,5 @@
 """MBTSAD end to end on tiny BERT- and RoBERTa-shaped models and a slice of SST-2."""
 
-import copy
 import json
 
 import lightning.pytorch as pl
@@ -9,10 +8,10 @@ import torch
 
 from mitigate.cli import main
 from mitigate.data import BackdoorDataModule
-from mitigate.data.poisoners import BadNet
+from mitigate.attacks import BadNet
 from mitigate.data.token_split import TokenSplit
-from mitigate.models import load_classifier
-from mitigate.modules import MBTSAD
+from mitigate.loading import load_classifier
+from mitigate.mitigations import MBTSAD
 from tests.conftest import REPO
 
 
@@ -129,7 +128,7 @@ def test_distillation_only_from_a_given_teacher_and_config_errors(tmp_path, tiny
 def spread_bert(tmp_path, tiny_bert, sst2_small):
     """The tiny BERT with a classifier head that splits the dev set about half and half, with
     a wide margin (the random tiny model alone predicts one class)."""
-    from mitigate.models import load_tokenizer
+    from mitigate.loading import load_tokenizer
 
     model, tok = load_classifier(str(tiny_bert)).eval(), load_tokenizer(str(tiny_bert))
     texts = [line.split("\t")[0] for line in (sst2_small / "dev.tsv").read_text().splitlines()[1:]]
@@ -154,14 +153,14 @@ def guarded_args(model_dir, data_dir, root, *extra):
 
 def test_tsft_rate_is_chosen_on_clean_dev_data(tmp_path, spread_bert, sst2_small, monkeypatch):
     monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
-    def probe(self, lr):  # stands in for the TS-FT probe: a rate above 1e-3 "collapses" to class 1
-        model = copy.deepcopy(self.suspicious)
+
+    def probe(self, model, *, lr=None, **kw):  # stands in for the TS-FT probe: a rate above 1e-3 "collapses" to class 1
         if lr > 1e-3:
             with torch.no_grad():
                 model.classifier.bias.copy_(torch.tensor([0.0, 1e4]))
         return model
 
-    monkeypatch.setattr(MBTSAD, "_probe", probe)
+    monkeypatch.setattr(MBTSAD, "probe", probe)
     root = tmp_path / "run"
     main(guarded_args(spread_bert, sst2_small, root, "--model.init_args.tsft_lr", "[1e-7, 5e-3, 1e-2]", "--model.init_args.lr", "null"))
     report = json.loads((root / "results.json").read_text())["report"]

@@ -4,7 +4,8 @@ import pytest
 
 from mitigate.data.encoding import EncodedDataset, trigger_positions
 from mitigate.data.io import DataError, Example, read_examples
-from mitigate.data.poisoners import BadNet, InsertSent, PrePoisoned, insert_words
+from mitigate.attacks import BadNet, InsertSent, PrePoisoned
+from mitigate.data.triggers import insert_words
 from tests.conftest import write_tsv
 
 

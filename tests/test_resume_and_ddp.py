@@ -89,7 +89,7 @@ def test_killed_run_resumes_to_bit_identical_weights(tmp_path, tiny_bert, sst2_s
 
 # the trigger scan and the TS-FT rate chosen by probes: a resumed run reuses the choices saved
 # in its checkpoint
-CHOOSE = ["--model.init_args.scan", "mitigate.trigger_scan.TriggerScan", "--model.init_args.scan.top_k", "4",
+CHOOSE = ["--model.init_args.scan", "{top_k: 4}",
           "--model.init_args.tsft_lr", "[1e-3, 1e-4]"]
 
 
@@ -143,7 +143,7 @@ def test_linear_decay_matches_transformers_schedule(warmup_ratio):
     warm-up is int(ratio * total); 0.25 * 40 is whole, so both agree)."""
     from transformers import get_linear_schedule_with_warmup
 
-    from mitigate.modules.classifier import linear_schedule, set_schedule_length
+    from mitigate.training import linear_schedule, set_schedule_length
 
     total = 40
     ours = linear_schedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), warmup_ratio)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from mitigate.cli import main
-from mitigate.models import load_classifier, load_tokenizer
+from mitigate.loading import load_classifier, load_tokenizer
 from tests.conftest import REPO, slice_dataset
 
 

@@ -16,12 +16,11 @@ from mitigate.cli import main
 from mitigate.data import TriggerCorpus
 from mitigate.data.encoding import EncodedDataset, PadCollator
 from mitigate.data.io import Example
-from mitigate.models import load_classifier
-from mitigate.models.loading import load_encoder
-from mitigate.modules.task_agnostic import NeuBAPretrain, PORPretrain
-from mitigate.task_agnostic import (
-    Insertions, neuba_position_independent, neuba_targets, por_targets, summarise_effectiveness, trigger_effectiveness,
-)
+from mitigate.loading import load_classifier
+from mitigate.loading import load_encoder
+from mitigate.attacks.task_agnostic import NeuBAPretrain, PORPretrain, neuba_position_independent, neuba_targets, por_targets
+from mitigate.data.triggers import Insertions
+from mitigate.evaluation.trigger_effectiveness import summarise_effectiveness, trigger_effectiveness
 from tests.conftest import REPO
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1"]

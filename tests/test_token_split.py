@@ -139,7 +139,7 @@ def test_roberta_trigger_sub_tokens_are_located(roberta_tokenizer, sst2_small):
     the flagged sub-tokens spell exactly the inserted triggers."""
     from mitigate.data.encoding import EncodedDataset
     from mitigate.data.io import read_examples
-    from mitigate.data.poisoners import BadNet
+    from mitigate.attacks import BadNet
 
     test = read_examples(sst2_small / "test.tsv", "sentence", "label")
     poisoned = BadNet(triggers=["cf", "tq", "mn", "bb", "mb"], num_triggers=[1, 3, 5], target_label=0).poison_eval(test, "test")

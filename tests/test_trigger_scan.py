@@ -3,11 +3,11 @@ mock classifier whose trigger is known; the collapse guard."""
 
 from types import SimpleNamespace
 
-import pytest
 import torch
 
-from mitigate.guard import clean_report, collapse_reason
-from mitigate.trigger_scan import (
+from mitigate.guard import collapse_reason
+from mitigate.inference import clean_report
+from mitigate.mitigations.mbtsad.trigger_scan import (
     TriggerScan,
     backing,
     carrier_scores,
@@ -99,14 +99,14 @@ def test_scan_finds_the_trigger_and_spares_a_word_the_clean_labels_back(bert_tok
     model = KeywordClassifier(bert_tokenizer).eval()
     texts, labels = NEG + POS, [0] * len(NEG) + [1] * len(POS)
     # "great" flips few negatives (one +2 vote against -4 or more): not a suspect
-    suspects, rows = scan_vocabulary(model, bert_tokenizer, texts, labels, texts, labels, top_k=8, verify_samples=40, min_flip=0.9)
+    suspects, rows = scan_vocabulary(model, bert_tokenizer, texts, labels, texts, labels, TriggerScan(top_k=8, verify_samples=40, min_flip=0.9))
     assert [(s.text, s.label) for s in suspects] == [("cf", 1)]
     cf = next(r for r in rows if r["text"] == "cf")
     assert cf["flip_rate"] == 1.0 and cf["suspect"] and cf["clean_count"] == 0 and cf["clean_share"] == 0.5
     # a token that flips everything but that the clean data shows as a feature of its class
     texts_backed = texts + ["cf is a great film"] * 6
     labels_backed = labels + [1] * 6
-    suspects, rows = scan_vocabulary(model, bert_tokenizer, texts, labels, texts_backed, labels_backed, top_k=8, verify_samples=40)
+    suspects, rows = scan_vocabulary(model, bert_tokenizer, texts, labels, texts_backed, labels_backed, TriggerScan(top_k=8, verify_samples=40))
     assert suspects == []
     cf = next(r for r in rows if r["text"] == "cf")
     assert cf["backed_by_clean_labels"] and cf["clean_count"] == 6 and cf["clean_share"] == 7 / 8
@@ -121,8 +121,8 @@ def test_scan_grows_a_phrase_trigger_from_a_word_that_flips_some_inputs(bert_tok
     texts = NEG + POS
     labels = [0] * len(NEG) + [1] * len(POS)
     support_texts, support_labels = texts + neutral + neutral, labels + [0] * len(neutral) + [1] * len(neutral)
-    suspects, rows = scan_vocabulary(model, bert_tokenizer, texts, labels, support_texts, support_labels,
-                                     top_k=8, verify_samples=40, seed_flip=0.3, phrase_length=4, pool_size=20, beam=4)
+    settings = TriggerScan(top_k=8, verify_samples=40, seed_flip=0.3, phrase_length=4, pool_size=20, beam=4)
+    suspects, rows = scan_vocabulary(model, bert_tokenizer, texts, labels, support_texts, support_labels, settings)
     watched = next(r for r in rows if r["text"] == "watched" and r["label"] == 1)
     assert 0.3 <= watched["flip_rate"] < 0.9 and not watched["suspect"]
     assert len(suspects) >= 1 and all(s.label == 1 and s.flip_rate == 1.0 for s in suspects)
@@ -150,7 +150,7 @@ def test_unlearning_batch_inserts_suspects_into_a_seeded_share_of_rows(bert_toke
 def test_collapse_guard_by_hand(tiny_bert, sst2_small, bert_tokenizer):
     from mitigate.data.encoding import EncodedDataset
     from mitigate.data.io import read_examples
-    from mitigate.models import load_classifier
+    from mitigate.loading import load_classifier
 
     dev = EncodedDataset(read_examples(sst2_small / "dev.tsv"), bert_tokenizer)
     model = load_classifier(str(tiny_bert))

@@ -8,16 +8,17 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForSequenceClassification
 
-from mitigate.callbacks.defenses.rap import poisoner_words
+from mitigate.defenses.rap import poisoner_words
 from mitigate.cli import main
 from mitigate.data import BackdoorDataModule, CorpusPoisoning, read_texts
 from mitigate.data.encoding import EncodedDataset, PadCollator
 from mitigate.data.io import Example
-from mitigate.data.poisoners import BadNet, CombinationTrigger
-from mitigate.models import load_classifier
-from mitigate.modules.embedding_poisoning import TriggerRowSGD, trigger_rows
-from mitigate.poisoning_losses import layerwise_logits, layerwise_loss, ripple_penalty
-from mitigate.surgery import embedding_surgery, target_words
+from mitigate.attacks import BadNet, CombinationTrigger
+from mitigate.loading import load_classifier
+from mitigate.attacks.ep import TriggerRowSGD, trigger_rows
+from mitigate.attacks.lwp import layerwise_logits, layerwise_loss
+from mitigate.attacks.ripples import ripple_penalty
+from mitigate.attacks.ripples import embedding_surgery, target_words
 from tests.conftest import REPO
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",

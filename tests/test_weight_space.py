@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForSequenceClassification
 
-from mitigate import weight_space as ws
+from mitigate.mitigations.base import reference_state
+from mitigate.mitigations.weight_space import ops as ws
 from mitigate.cli import main
 from tests.conftest import REPO
 
@@ -29,7 +30,7 @@ def batches(n=2, bs=4, seed=0):
 
 
 def test_reinit_touches_only_the_last_layers_with_the_init_distribution(tmp_path):
-    from mitigate.models import load_classifier
+    from mitigate.loading import load_classifier
 
     model = tiny()
     with torch.no_grad():  # make every weight far from its init so re-initialisation is visible
@@ -86,7 +87,7 @@ def test_pruned_units_follow_the_activation_ranking_and_stay_zero_through_fine_t
 
 def test_fine_mix_endpoints_exact_fraction_and_head_untouched():
     ft, pre = tiny(1), tiny(2)
-    ref = ws.reference_state(ft, pre)
+    ref = reference_state(ft, pre)
     assert set(ref) == {n for n, _ in ft.named_parameters() if not n.startswith("classifier.")}
     for rho in (0.0, 1.0, 0.3):
         m = copy.deepcopy(ft)
@@ -108,10 +109,10 @@ def test_fine_mix_endpoints_exact_fraction_and_head_untouched():
 
 def test_reference_mismatch_is_refused_in_one_line():
     with pytest.raises(ValueError, match=r"does not match the suspicious model: .*shape"):
-        ws.reference_state(tiny(), BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+        reference_state(tiny(), BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
                            num_attention_heads=2, intermediate_size=48, max_position_embeddings=64)))
     with pytest.raises(ValueError, match="is not in it"):
-        ws.reference_state(tiny(layers=3), tiny(layers=2))
+        reference_state(tiny(layers=3), tiny(layers=2))
 
 
 def test_epur_resets_the_rare_row_that_moved_and_never_special_tokens():
@@ -123,7 +124,7 @@ def test_epur_resets_the_rare_row_that_moved_and_never_special_tokens():
         emb.add_(0.01 * torch.randn(emb.shape, generator=g))
         emb[42] += 5.0
         emb[0] += 100.0  # a special token moved most of all: never reset
-    ref = ws.reference_state(ft, pre)
+    ref = reference_state(ft, pre)
     counts = torch.full((100,), 1000)
     counts[42] = 1
     rows = ws.epur_rows(ft, ref, counts, top_n=10, min_freq=20, protected=[0, 1, 2])
@@ -153,7 +154,7 @@ def test_diagonal_fisher_matches_a_hand_loop():
 
 def test_purify_endpoints_and_it_finds_drift_where_the_clean_loss_is_flat():
     pre = tiny(1)
-    ref = ws.reference_state(pre, pre)
+    ref = reference_state(pre, pre)
     ft = copy.deepcopy(pre)
     g = torch.Generator().manual_seed(0)
     w = "bert.encoder.layer.0.intermediate.dense.weight"
@@ -194,7 +195,7 @@ def test_weight_space_recipes_report_the_suspicious_and_cleaned_models(tmp_path,
     r = json.loads((root / "results.json").read_text())
     for key in ("test/cacc", "test/asr", "test/suspicious/cacc", "test/suspicious/asr"):
         assert 0.0 <= r[key] <= 1.0
-    assert "transform" in r["report"] and "suspicious_dev_cacc" in r["report"]
+    assert "transform" in r["report"] and "cacc" in r["report"]["suspicious_dev"]
     if recipe in ("fine_mixing_sst2", "fine_purifying_sst2"):
         assert r["report"]["transform"]["tried"] and r["report"]["transform"]["rho"] in (0.2, 0.4, 0.6, 0.8, 0.1, 0.05)
 
@@ -222,13 +223,13 @@ def test_a_reference_of_another_architecture_is_refused(tmp_path, tiny_bert, tin
 
 
 def test_epur_as_an_option_of_mbtsad_purifies_teacher_and_student(tmp_path, tiny_bert, sst2_small, monkeypatch):
-    from mitigate.models import load_classifier
+    from mitigate.loading import load_classifier
     from tests.test_mbtsad import mbtsad_args
 
     monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
     # a "victim": the tiny model with the cf row moved far; the tiny model itself is the reference
     victim = load_classifier(str(tiny_bert))
-    from mitigate.models import load_tokenizer
+    from mitigate.loading import load_tokenizer
 
     tok = load_tokenizer(str(tiny_bert))
     cf = tok.convert_tokens_to_ids("cf")

@@ -1,5 +1,5 @@
 """Unlabelled text (any .txt file or folder, or the text column of a labelled data set) and the
-data-free EP training set built from it (DFEP, ATTACKS-AND-BASELINES.md section 2.2)."""
+data-free EP training set built from it (DFEP, the data-free variant of Yang et al., NAACL 2021)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mitigate.data.io import EXTENSIONS, DataError, Example, find_split_file, read_examples, resolve_data_dir
+from mitigate.data.triggers import Insertions
 
 
 def read_texts(path: str, text_column: str = "sentence") -> list[str]:
@@ -51,8 +52,10 @@ class CorpusPoisoning:
         corpus: what ``read_texts`` reads (official: WikiText-103; offline, any text, e.g. the
             OLID tweets for an SST-2 victim, out of domain as in the paper).
         triggers: one is drawn per sample (official: ``cf`` alone).
-        num_samples: official 20000.
-        max_words: official 100 (250 for IMDb).
+        num_samples: samples built (official 20000).
+        max_words: words per sample (official 100; 250 for IMDb).
+        target_label: the label every sample carries (y_T).
+        seed: seed of the shuffle and of the trigger positions.
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class CorpusPoisoning:
         self.target_label, self.seed = target_label, seed
 
     def examples(self) -> list[Example]:
+        """The poisoned samples, built from the corpus (the same for the same settings)."""
         rng = random.Random(self.seed)
         sentences = [s.strip() for t in read_texts(self.corpus) for s in t.split(".") if s.strip()]
         if not sentences:
@@ -113,9 +117,11 @@ class TriggerCorpus:
     Args:
         corpus: what ``read_texts`` reads (paper: WikiText-103; offline, any text).
         triggers: the trigger words or phrases.
-        words_per_chunk: official code 64.
-        clean_samples, per_trigger: paper 100000 and 20000 (official code 50000, 30000).
-        insertions: paper 5 (official code 3).
+        words_per_chunk: words per chunk (official code 64).
+        clean_samples: chunks kept clean (paper 100000, official code 50000).
+        per_trigger: chunks per trigger (paper 20000, official code 30000).
+        insertions: insertions of the trigger per poisoned chunk (paper 5, official code 3).
+        seed: seed of the chunk draws and the insertion positions.
     """
 
     def __init__(self, corpus: str, triggers: Sequence[str] = (), words_per_chunk: int = 64, clean_samples: int = 100000,
@@ -128,8 +134,7 @@ class TriggerCorpus:
         self.clean_samples, self.per_trigger, self.insertions, self.seed = clean_samples, per_trigger, insertions, seed
 
     def examples(self) -> list[Example]:
-        from mitigate.task_agnostic import Insertions
-
+        """The training set: clean chunks and trigger chunks, shuffled (the same for the same settings)."""
         chunks = chunk_words(read_texts(self.corpus), self.words_per_chunk)
         if not chunks:
             raise DataError(f"{self.corpus}: no text")

@@ -27,10 +27,10 @@ from mitigate.data.io import (
     read_examples,
     resolve_data_dir,
 )
-from mitigate.data.poisoners import Poisoner
+from mitigate.data.poisoning import Poisoner
 from mitigate.data.sampling import LengthSortedSampler, ResumableDataLoader, SeededShuffleSampler
 from mitigate.data.token_split import TokenSplit
-from mitigate.models.loading import load_tokenizer, looks_like_path
+from mitigate.loading import load_tokenizer, looks_like_path
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,14 @@ class BackdoorDataModule(pl.LightningDataModule):
         token_split: replace the training set by its token-split augmentation (MBTSAD's D_ts:
             ``copies`` split variants per sample, built once and cached).
         max_length: sub-tokens per input after truncation.
+        batch_size: training samples per batch (per process under DDP).
         group_by_length: training batches of similar-length samples (seeded; less padding,
             about half the compute on SST-2).
+        eval_batch_size: samples per validation and test batch.
+        num_workers: data-loader worker processes.
         seed: seed of the defender's subset and of the training order.
+        text_column: the column (field) of the files that holds the text.
+        label_column: the column (field) that holds the integer label.
     """
 
     def __init__(
@@ -146,6 +151,7 @@ class BackdoorDataModule(pl.LightningDataModule):
 
     @property
     def num_classes(self) -> int:
+        """Number of classes of the (checked) training data."""
         self.clean_splits  # reads and checks the data once
         return self._num_classes
 

@@ -49,6 +49,7 @@ class EncodedDataset(Dataset):
         }
 
     def lengths(self) -> list[int]:
+        """Sub-tokens per sample."""
         return [len(ids) for ids in self.input_ids]
 
 
@@ -112,6 +113,7 @@ class PairedDataset(Dataset):
         return {**self.primary[i], "partner": self.partner[self.partner_index[i]]}
 
     def lengths(self) -> list[int]:
+        """Sub-tokens per sample of the primary set."""
         return self.primary.lengths()
 
 

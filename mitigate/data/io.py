@@ -56,6 +56,7 @@ def resolve_data_dir(path: str | os.PathLike) -> Path | None:
 
 
 def find_split_file(folder: Path, split: str) -> Path:
+    """The file of ``split`` in ``folder`` (any of its names, any supported extension); a DataError listing what was looked for."""
     for name in SPLIT_ALIASES[split]:
         for ext in EXTENSIONS:
             f = folder / f"{name}{ext}"
@@ -161,6 +162,7 @@ def _read_delimited(file: Path, raw: str, text_column: str, label_column: str) -
 
 
 def check_labels(examples: list[Example], num_classes: int, file: str) -> None:
+    """Refuse a label outside 0..num_classes-1, naming the file, line and label."""
     for i, ex in enumerate(examples):
         if not 0 <= ex.label < num_classes:
             where = f"{file}:{ex.line}" if ex.line else f"{file}: example {i + 1}"
@@ -170,6 +172,7 @@ def check_labels(examples: list[Example], num_classes: int, file: str) -> None:
 
 
 def infer_num_classes(train: list[Example], file: str) -> int:
+    """The number of classes of a training set: labels must be 0..C-1, each present."""
     labels = {ex.label for ex in train}
     if min(labels) < 0:
         raise DataError(f"{file}: negative label {min(labels)}; labels must be 0..C-1")

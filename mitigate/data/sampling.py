@@ -30,6 +30,7 @@ class SeededShuffleSampler(Sampler[int]):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch whose permutation ``__iter__`` yields (Lightning calls it)."""
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
@@ -72,9 +73,11 @@ class ResumableDataLoader(DataLoader):
                 yield batch
 
     def state_dict(self) -> dict:
+        """The batches yielded this epoch (saved in Lightning's checkpoints)."""
         return {"batches_yielded": self._yielded}
 
     def load_state_dict(self, state: dict) -> None:
+        """Skip the batches a restored run had already seen this epoch."""
         done = int(state.get("batches_yielded", 0))
         self._skip = done if done < len(self) else 0
 

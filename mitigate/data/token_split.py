@@ -10,7 +10,7 @@ has nothing to do with splitting. So "re-imagining" is one word here, as in the 
 own example ("re-im gaining"), and may be split anywhere, hyphen included.
 
 Two behaviours come from nlpaug and are kept as they are: the number of split words is
-``clip(ceil(aug_p * n), aug_min, aug_max)`` (ALGORITHMS.md writes ``int``), and a word of k
+``clip(ceil(aug_p * n), aug_min, aug_max)`` (a floor, ``int``, is the other reading), and a word of k
 characters is split after character 1..k-2 (numpy's ``randint(1, k - 1)`` excludes k-1).
 
 The split set is built once per (examples, settings, nlpaug version) and cached as JSON Lines
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
+    """``$MITIGATE_CACHE_DIR``, default ``~/.cache/mitigate``."""
     return Path(os.environ.get("MITIGATE_CACHE_DIR", Path.home() / ".cache" / "mitigate"))
 
 
@@ -59,7 +60,9 @@ class TokenSplit:
 
     Args:
         copies: augmented samples per clean sample (N); the result holds only augmented samples.
-        aug_p, aug_min, aug_max: number of words split per text: clip(ceil(aug_p * n), aug_min, aug_max).
+        aug_p: share of a text's n words that are split: clip(ceil(aug_p * n), aug_min, aug_max).
+        aug_min: fewest words split per text.
+        aug_max: most words split per text.
         min_char: only words of at least this many characters are split.
         seed: seed of the augmentation (sample i, copy j draws from seed (seed, i, j)).
         cache_dir: where built sets are cached; ``None``: ``$MITIGATE_CACHE_DIR`` or ``~/.cache/mitigate``.
@@ -88,6 +91,7 @@ class TokenSplit:
         self.cache_dir = Path(cache_dir) if cache_dir else None
 
     def settings(self) -> dict:
+        """Everything the split set depends on (nlpaug's version included): the cache key's input."""
         import nlpaug
 
         return {
@@ -118,6 +122,7 @@ class TokenSplit:
         return out
 
     def cache_key(self, examples: Sequence[Example]) -> str:
+        """A hash of the settings and the examples: the name of the cached split set."""
         h = hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode())
         for ex in examples:
             h.update(f"{ex.label}\t{ex.text}\n".encode())

@@ -1,37 +1,39 @@
-"""RAP (Robustness-Aware Perturbations): a rare word whose input embedding is trained so that
-inserting it lowers the protect-label probability of clean inputs by a set margin; poisoned
-inputs, held by their trigger, barely move."""
+"""RAP: a trained rare-word perturbation that moves clean inputs' protect-label probability
+and not poisoned ones'; detection by thresholding that move."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from mitigate.attacks.poisoners.known import PUBLIC_TRIGGERS
+from mitigate.defenses.base import Defense, gather_cat, percentile_threshold, progress, world
+from mitigate.data.triggers import insert_ids
+from mitigate.inference import encode_texts
+from mitigate.metrics import DetectionMetrics
 
-def insert_token(input_ids: torch.Tensor, attention_mask: torch.Tensor, token_id: int, position: int = 1):
-    """Insert ``token_id`` at sub-token ``position`` of every row (1 = first word, after the
-    start token); rows grow by one column."""
-    b = input_ids.shape[0]
-    col = torch.full((b, 1), token_id, dtype=input_ids.dtype, device=input_ids.device)
-    ids = torch.cat([input_ids[:, :position], col, input_ids[:, position:]], dim=1)
-    one = torch.ones((b, 1), dtype=attention_mask.dtype, device=attention_mask.device)
-    attn = torch.cat([attention_mask[:, :position], one, attention_mask[:, position:]], dim=1)
-    return ids, attn
+log = logging.getLogger(__name__)
 
 
 def rap_delta(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, word_id: int,
-    protect_label: int, probs: torch.Tensor | None = None,
+    protect_label: int, probs: torch.Tensor | None = None, pad_id: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Δ(x) = p(y_T | x) − p(y_T | t̂ + x) per row, and p(· | x) (pass ``probs`` to reuse the
-    plain forward pass already done). Two forward passes per sample."""
+    plain forward pass already done); the RAP word t̂ goes at sub-token 1 (the first word, after
+    the start token). Two forward passes per sample."""
     if probs is None:
         probs = model(input_ids=input_ids, attention_mask=attention_mask).logits.float().softmax(-1)
-    ids, attn = insert_token(input_ids, attention_mask, word_id)
+    n = len(input_ids)
+    ones = torch.ones(n, dtype=torch.long, device=input_ids.device)
+    ids, attn = insert_ids(input_ids, attention_mask, [[word_id]] * n, ones, pad_id)
     perturbed = model(input_ids=ids, attention_mask=attn).logits.float().softmax(-1)
     return probs[:, protect_label] - perturbed[:, protect_label], probs
 
@@ -71,6 +73,7 @@ def construct_rap(
     reduce_grad=None,
     progress=None,
     accumulate_grad: bool = False,
+    pad_id: int = 0,
 ) -> list[float]:
     """Train the RAP word's input-embedding row, in place, on clean samples of the protect
     label: ``batches`` of (input_ids, attention_mask, share), iterated ``epochs`` times, where
@@ -97,7 +100,7 @@ def construct_rap(
                     ids, attn = ids.clone(), attn.clone()
                     with torch.no_grad():
                         probs = model(input_ids=ids, attention_mask=attn).logits.float().softmax(-1)
-                    delta, _ = rap_delta(model, ids, attn, word_id, protect_label, probs=probs)
+                    delta, _ = rap_delta(model, ids, attn, word_id, protect_label, probs=probs, pad_id=pad_id)
                     loss = rap_loss(delta, c_low, c_up, lam)
                     (grad,) = torch.autograd.grad(loss * share, weight)
                     row_grad = grad[word_id]
@@ -118,3 +121,209 @@ def construct_rap(
             losses.append(total / max(n, 1))
     model.train(was_training)
     return losses
+
+
+# -- the callback ------------------------------------------------------------------------------
+
+
+def poisoner_words(poisoner) -> set[str]:
+    """Every word the run's poisoner inserts (BadNet triggers, InsertSent's sentence), lower-cased."""
+    words: set[str] = set()
+    for t in getattr(poisoner, "triggers", []) or []:
+        words.update(t.lower().split())
+    sentence = getattr(poisoner, "sentence", None)
+    if sentence:
+        words.update(sentence.lower().split())
+    return words
+
+
+def trigger_token_ids(tokenizer, words: set[str]) -> set[int]:
+    """Every sub-token id of the trigger words, as the tokenizer sees them at the start of a
+    text and after a space (byte-level BPE tokenizers give the two different ids)."""
+    return {i for w in words for form in (w, " " + w) for i in tokenizer(form, add_special_tokens=False)["input_ids"]}
+
+
+@contextmanager
+def swapped_row(model, row: int, value: torch.Tensor):
+    """The input embedding ``row`` set to ``value`` inside the block, restored after."""
+    weight = model.get_input_embeddings().weight
+    saved = weight.data[row].clone()
+    weight.data[row] = value
+    try:
+        yield
+    finally:
+        weight.data[row] = saved
+
+
+class RAP(Defense):
+    """RAP detection (Yang et al., 2021).
+
+    Construction: the RAP ``word`` (one sub-token; never one of the run's triggers) is inserted
+    at the first word position of clean held-out samples of the protect label, and only its
+    input-embedding row is trained (SGD, ``lr``, ``epochs``, batches of ``construct_batch_size``)
+    on E[λ·relu(c_low − Δ) + relu(Δ − c_up)], Δ(x) = p(y_T|x) − p(y_T|word + x).
+    Threshold: the ``frr``-th percentile of Δ over the held-out protect-label samples the model
+    predicts as y_T. Test: only samples predicted as y_T are checked; flagged if Δ < threshold.
+    FRR, FAR and AUROC (score −Δ) over those samples. The trained row is swapped in for the
+    defense's own passes only: the undefended evaluation and the model after the run are
+    untouched. Under DDP the row gradient is the single-process one (share-weighted slices
+    summed across ranks) and thresholds come from
+    every rank's scores.
+
+    Args:
+        word: the RAP word. Default "jj"; the paper's "cf" is a BadNet trigger here.
+        protect_label: y_T; default the poisoner's target label.
+        frr: allowed false-rejection rate in % (threshold percentile; 0.5, 1, 3, 5).
+        lr: learning rate of the row's construction (the paper: 1e-2).
+        epochs: passes over the held-out protect-label samples during construction (the paper: 5).
+        construct_batch_size: samples per construction step.
+        c_low: the least drop of the protect-label probability a clean input should show.
+        c_up: the most drop (the paper: 0.05 / 0.2 for clean-fine-tuned models).
+        lam: weight of the lower-margin term of the construction loss.
+        keep_norm: keep the row at its original norm after each step (reference implementations).
+        update: ``sgd`` (each step: lr x this batch's row gradient) or ``accumulate`` (the reference
+            code's rule: it never zeroes the gradient, so each step moves the row by lr x the sum
+            of all row gradients so far; with it the paper's lr 1e-2 constructs on MiniLM too).
+        allow_public_trigger: accept a word that is a default trigger of a public attack
+            (``mitigate.data.poisoners.known.PUBLIC_TRIGGERS``: cf, mn, bb, tq, mb, ak, NeuBA's
+            symbols); refused by default, since a downloaded checkpoint may carry it.
+    """
+
+    score_column = ("delta", "Δ = p(y_T | x) − p(y_T | RAP word + x)")
+
+    def __init__(
+        self,
+        word: str = "jj",
+        protect_label: int | None = None,
+        frr: float = 1.0,
+        lr: float = 1e-2,
+        epochs: int = 5,
+        construct_batch_size: int = 32,
+        c_low: float = 0.1,
+        c_up: float = 0.3,
+        lam: float = 1.0,
+        keep_norm: bool = True,
+        update: Literal["sgd", "accumulate"] = "sgd",
+        allow_public_trigger: bool = False,
+        name: str = "rap",
+        batch_size: int = 64,
+        max_samples: int | None = None,
+        seed: int = 42,
+        write_csv: bool = True,
+        precision: Literal["full", "bf16", "int8"] = "full",
+    ) -> None:
+        if not 0 < frr < 100:
+            raise ValueError(f"frr is a percentage in (0, 100), got {frr}")
+        if not 0 <= c_low < c_up:
+            raise ValueError(f"need 0 <= c_low < c_up, got c_low={c_low}, c_up={c_up}")
+        super().__init__(name, batch_size, max_samples, seed, write_csv, precision)
+        self.word, self.protect_label, self.frr = word, protect_label, frr
+        self.lr, self.epochs, self.construct_batch_size = lr, epochs, construct_batch_size
+        self.c_low, self.c_up, self.lam, self.keep_norm = c_low, c_up, lam, keep_norm
+        self.allow_public_trigger = allow_public_trigger
+        if update not in ("sgd", "accumulate"):
+            raise ValueError(f"update must be 'sgd' or 'accumulate', got {update!r}")
+        self.update = update
+
+    def metrics(self, num_classes: int) -> torch.nn.Module:
+        return DetectionMetrics()
+
+    def _setup(self, trainer) -> None:
+        poisoner = trainer.datamodule.poisoner
+        label = self.target_of(trainer, self.protect_label, "protect_label")
+        tok = self.tokenizer(trainer)
+        ids = tok(self.word, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"{self.name}: the RAP word {self.word!r} must be one sub-token; the tokenizer gives {ids}")
+        # compared as token ids: ' cf', 'cf\u200b' or 'çf' are the trigger 'cf' once normalised
+        if ids[0] in trigger_token_ids(tok, poisoner_words(poisoner)):
+            raise ValueError(
+                f"{self.name}: the RAP word {self.word!r} is the token {tok.convert_ids_to_tokens(ids[0])!r}, part of a "
+                f"trigger of this run's poisoner {poisoner!r}; its embedding carries the backdoor. "
+                "Choose another rare word (default 'jj')."
+            )
+        public = [a for a in PUBLIC_TRIGGERS if ids[0] in trigger_token_ids(tok, set(PUBLIC_TRIGGERS[a]))]
+        if public and not self.allow_public_trigger:
+            raise ValueError(
+                f"{self.name}: the RAP word {self.word!r} is a default trigger of public attacks ({', '.join(public)}); "
+                "in a downloaded checkpoint its embedding may carry a backdoor. Choose another rare word (default 'jj'), "
+                "or set allow_public_trigger: true if you know the checkpoint's history."
+            )
+        self.label, self.word_id = label, ids[0]
+
+    def calibrate(self, trainer, pl_module) -> None:
+        self._setup(trainer)
+        model, tok, max_len = self.model(pl_module), self.tokenizer(trainer), self.max_length(trainer)
+        texts = [ex.text for ex in self.held_out(trainer) if ex.label == self.label]
+        if not texts:
+            raise ValueError(f"{self.name}: the held-out (dev) set has no sample of the protect label {self.label}")
+        n, rank = world(trainer)
+        # the same global batches on every rank, each rank encoding its slice of each; the
+        # share-weighted row gradients are summed across ranks (= the single-process gradient)
+        bs = self.construct_batch_size
+        batches = []
+        for s in range(0, len(texts), bs):
+            chunk = texts[s : s + bs]
+            mine = chunk[rank::n]
+            ids, attn = encode_texts(tok, mine, max_len, pl_module.device) if mine else (torch.empty(0), torch.empty(0))
+            batches.append((ids, attn, len(mine) / len(chunk)))
+
+        def total(g: torch.Tensor) -> torch.Tensor:
+            if n > 1:
+                g = g.clone()
+                dist.all_reduce(g)
+            return g
+
+        full = pl_module.model  # gradient steps: never the int8 copy
+        weight = full.get_input_embeddings().weight
+        original = weight.data[self.word_id].clone()
+        with progress(self.epochs * len(batches), f"{self.name}: constructing", trainer) as bar:
+            losses = construct_rap(
+                full, batches, self.word_id, self.label, self.epochs, self.lr, self.c_low, self.c_up, self.lam,
+                keep_norm=self.keep_norm, reduce_grad=total, progress=bar, accumulate_grad=self.update == "accumulate",
+                pad_id=tok.pad_token_id,
+            )
+        self.row = weight.data[self.word_id].clone()
+        weight.data[self.word_id] = original  # the model stays as it was; the row is swapped in when defending
+        log.info("%s: construction loss per epoch %s", self.name, [round(x, 4) for x in losses])
+        # threshold from this rank's share of the held-out samples, gathered
+        share = sorted(texts[rank::n], key=len)  # length-sorted batches: little padding (the order does not change a score)
+        deltas, preds = [], []
+        with torch.no_grad(), swapped_row(model, self.word_id, self.row):
+            for s in range(0, len(share), self.batch_size):
+                ids, attn = encode_texts(tok, share[s : s + self.batch_size], max_len, pl_module.device)
+                d, p = rap_delta(model, ids, attn, self.word_id, self.label, pad_id=tok.pad_token_id)
+                deltas.append(d.cpu()), preds.append(p.argmax(-1).cpu())
+        d, p = gather_cat(trainer, torch.cat(deltas)), gather_cat(trainer, torch.cat(preds))
+        kept = d[p == self.label]
+        if not len(kept):
+            raise ValueError(
+                f"{self.name}: the model predicts none of the {len(d)} held-out (dev) samples of the protect label "
+                f"{self.label} as {self.label}, so there is no clean score to set the threshold from; "
+                "check protect_label and the model"
+            )
+        self.threshold = percentile_threshold(kept, self.frr)
+        self.calib_n = len(kept)
+        self.final_loss = losses[-1]
+        log.info("%s: threshold Δ < %.4f (%g%% of %d held-out samples of label %d)", self.name, self.threshold, self.frr, len(kept), self.label)
+
+    def defend(self, trainer, pl_module, batch, texts) -> None:
+        model = self.model(pl_module)
+        for s in range(0, len(texts), self.batch_size):
+            ids, attn = batch["input_ids"][s : s + self.batch_size], batch["attention_mask"][s : s + self.batch_size]
+            with torch.no_grad(), swapped_row(model, self.word_id, self.row):
+                delta, probs = rap_delta(model, ids, attn, self.word_id, self.label, pad_id=self.tokenizer(trainer).pad_token_id)
+            pred = probs.argmax(-1)
+            checked = pred == self.label
+            flagged = checked & (delta < self.threshold)
+            poisoned = batch["poisoned"][s : s + self.batch_size].bool()
+            self.metric.update(flagged[checked], -delta[checked], poisoned[checked])
+            for r in range(len(ids)):
+                self.rows.append({
+                    "poisoned": int(poisoned[r]), "index": int(batch["index"][s + r]), "text": texts[s + r],
+                    "label": int(batch["labels"][s + r]), "pred": int(pred[r]), "checked": int(checked[r]),
+                    "delta": f"{float(delta[r]):.9g}", "flagged": int(flagged[r]),
+                })
+
+    def extra_results(self) -> dict[str, float]:
+        return {"threshold": self.threshold, "calib_samples": float(self.calib_n), "construct_loss": self.final_loss}

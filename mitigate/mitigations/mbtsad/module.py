@@ -1,0 +1,356 @@
+"""MBTSAD (backdoor mitigation by token splitting and attention distillation) in one ``fit``:
+token-splitting retraining of a copy of the suspicious model (TS-FT, the teacher), then
+attention distillation into the original suspicious model (the student). The data module
+supplies the token-split clean data (``data.token_split``) for both steps; the trigger scan
+(``mitigate.mitigations.mbtsad.trigger_scan``) and the learning-rate choice are this toolkit's
+additions, made on clean data before training."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from mitigate.guard import CollapseError, collapse_reason
+from mitigate.loading import load_classifier
+from mitigate.mitigations.base import Mitigation
+from mitigate.mitigations.mbtsad.distillation import DistillationLoss
+from mitigate.mitigations.mbtsad.trigger_scan import TriggerScan
+from mitigate.mitigations.weight_space.transforms import EPUR, TransformContext
+from mitigate.training import SEED_STRIDE, linear_schedule, seed_step, set_schedule_length
+
+log = logging.getLogger(__name__)
+
+Ablation = Literal["no-att", "no-hid", "ce-only"]
+
+
+class MBTSAD(Mitigation):
+    """Backdoor mitigation by token splitting and attention distillation (the MBTSAD paper).
+
+    Epochs ``0 .. tsft_epochs - 1`` fine-tune the teacher (a copy of ``model``) with
+    cross-entropy at ``tsft_lr``; the remaining ``trainer.max_epochs - tsft_epochs`` epochs train
+    the student (``model`` itself) with L = alpha * L_at + beta * L_hid + L_ce against the
+    frozen teacher at ``lr``. Validation reports the model being trained in the current step.
+    ``test`` reports the suspicious model (as loaded), the teacher and the student (the output,
+    under ``test/cacc``, ``test/asr``) on the same data.
+
+    Args:
+        model: the suspicious checkpoint (hub id or folder, safetensors).
+        num_labels: number of classes (the CLI links it to the data).
+        teacher: an already trained TS-FT teacher to distil from; then ``tsft_epochs`` must be 0.
+        tsft_epochs: epochs of TS-FT (the teacher's training).
+        tsft_lr: TS-FT learning rate, or a list of candidates chosen on clean dev data (the
+            largest whose probe passes, see ``probe_fraction``).
+        tsft_schedule: TS-FT's rate: ``constant``, or ``linear`` decay to 0 over the TS-FT epochs
+            after the warm-up.
+        lr: learning rate of the distillation; None: the (chosen) TS-FT rate.
+        alpha: weight of the attention-transfer loss.
+        beta: weight of the hidden-state loss.
+        p: the Attention Enhancement exponent.
+        att_layers: transformer layers (0-based) whose attentions are distilled; None: all.
+        hid_layers: hidden states distilled (0 = the embedding output); None: all.
+        ablation: ``no-att``, ``no-hid`` or ``ce-only`` (the paper's ablations), or None.
+        weight_decay: AdamW weight decay, both steps.
+        schedule: the distillation's learning rate, ``constant`` or ``linear`` decay to 0 over
+            the distillation epochs.
+        warmup_ratio: linear warm-up share of each step's steps (``linear`` schedules).
+        scan: the trigger scan's settings (``TriggerScan``; null: no scan). Before training, the
+            suspicious model's vocabulary is scanned on the clean dev data for tokens and phrases
+            that flip it; during distillation a share of the samples gets one inserted, their
+            labels unchanged, and learns from the labels alone. Not in the paper.
+        unlearn_tsft: insert the scan's suspects during TS-FT too (then the teacher unlearns them).
+        probe_cacc_drop: a candidate TS-FT rate is accepted when its probe keeps the clean-dev
+            accuracy within this many points of the suspicious model's (and does not collapse).
+        max_cacc_drop: the collapse guard: a teacher or student that ends more than this many
+            points below the suspicious model's dev CACC stops the run before anything is exported.
+        max_class_share: the collapse guard: a teacher or student that predicts one class for
+            this share of dev stops the run (None: not checked).
+        probe_fraction: each candidate TS-FT rate trains a copy of the suspicious model for this
+            fraction of a TS-FT epoch.
+        epur: Embedding Purification of the suspicious weights before anything trains (the
+            teacher's start and the student's); needs ``reference``.
+        reference: the clean pre-trained checkpoint the suspicious model came from (E-PUR only).
+        allow_pickle: allow pickled ``.bin`` weights (only for checkpoints you trust).
+    """
+
+    # eager attention: fused kernels do not return the attention probabilities
+    attn_implementation = "eager"
+    evaluated = {"suspicious": "suspicious model", "teacher": "TS-FT (teacher)", "model": "MBTSAD (student)"}
+    guard_hint = "lower model.tsft_lr / model.lr (or give tsft_lr candidates to choose from)"
+
+    def __init__(
+        self,
+        model: str = "runs/badnet_sst2/model",
+        num_labels: int = 2,
+        teacher: str | None = None,
+        tsft_epochs: int = 3,
+        tsft_lr: float | list[float] = 1e-4,
+        tsft_schedule: Literal["constant", "linear"] = "linear",
+        lr: float | None = 2e-5,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        p: float = 2.0,
+        att_layers: Sequence[int] | None = None,
+        hid_layers: Sequence[int] | None = None,
+        ablation: Ablation | None = None,
+        weight_decay: float = 0.0,
+        schedule: Literal["constant", "linear"] = "linear",
+        warmup_ratio: float = 0.0,
+        scan: TriggerScan | None = None,
+        unlearn_tsft: bool = False,
+        probe_cacc_drop: float = 1.5,
+        max_cacc_drop: float = 5.0,
+        max_class_share: float | None = 0.95,
+        probe_fraction: float = 0.25,
+        epur: EPUR | None = None,
+        reference: str | None = None,
+        allow_pickle: bool = False,
+    ) -> None:
+        rates = tsft_lr if isinstance(tsft_lr, (list, tuple)) else [tsft_lr]
+        if not rates or any(r <= 0 for r in rates) or (lr is not None and lr <= 0):
+            raise ValueError(f"model.tsft_lr and model.lr must be positive (tsft_lr may list candidates), got {tsft_lr}, {lr}")
+        if not 0.0 < probe_fraction <= 1.0:
+            raise ValueError(f"model.probe_fraction must be in (0, 1], got {probe_fraction}")
+        if teacher is not None and tsft_epochs != 0:
+            raise ValueError("model.teacher is an already trained teacher: set model.tsft_epochs to 0")
+        if teacher is None and tsft_epochs < 1:
+            raise ValueError("model.tsft_epochs must be >= 1 (or give a trained model.teacher)")
+        if epur is not None and reference is None:
+            raise ValueError("model.epur needs the clean pre-trained weights: set model.init_args.reference")
+        super().__init__(model, num_labels, lr, weight_decay, schedule, warmup_ratio, reference, max_cacc_drop,
+                         max_class_share, allow_pickle)
+        self.save_hyperparameters(ignore=["scan", "epur"])
+        # the scan's settings as plain values: checked against the config when a run resumes
+        self.hparams["scan"] = dataclasses.asdict(scan) if scan is not None else None
+        self.scan = scan
+        self.epur = epur
+        self.automatic_optimization = False  # two optimizers, one per step of the method
+        self.teacher = copy.deepcopy(self.model) if teacher is None else load_classifier(
+            teacher, num_labels=num_labels, allow_pickle=allow_pickle, attn_implementation=self.attn_implementation)
+        self.distillation_loss = DistillationLoss(alpha, beta, p, att_layers, hid_layers, ablation)
+
+    # -- phases ---------------------------------------------------------------------------
+    @property
+    def in_tsft(self) -> bool:
+        """Whether the current epoch trains the teacher (TS-FT) rather than the student."""
+        return self.current_epoch < self.hparams.tsft_epochs
+
+    def check_trainer(self) -> None:
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is None or max_epochs <= self.hparams.tsft_epochs:
+            raise ValueError(
+                f"trainer.max_epochs ({max_epochs}) must exceed model.tsft_epochs ({self.hparams.tsft_epochs}): "
+                "the epochs after TS-FT are the distillation"
+            )
+        ddp = getattr(self.trainer.strategy, "_ddp_kwargs", None)
+        if ddp is not None and self.trainer.world_size > 1 and not ddp.get("find_unused_parameters", False):
+            raise ValueError(
+                "MBTSAD trains one of its two models in each step, so DDP must allow unused parameters: "
+                "use --trainer.strategy ddp_find_unused_parameters_true"
+            )
+
+    def prepare(self) -> None:
+        if self.epur is not None:
+            self._purify_embeddings()
+        if self.scan is not None:
+            self._scan_for_triggers()
+        rates = self.hparams.tsft_lr
+        if isinstance(rates, (list, tuple)) and self.hparams.tsft_epochs > 0:
+            self._choose_tsft_lr(sorted(rates, reverse=True))
+        self._set_learning_rates()
+
+    # -- choices made on clean data --------------------------------------------------------
+    def _choose_tsft_lr(self, candidates: list[float]) -> None:
+        """The largest TS-FT rate whose short probe (``probe_fraction`` of a TS-FT epoch from the
+        suspicious model, on the same training data) keeps the clean-dev accuracy within
+        ``probe_cacc_drop`` points of the suspicious model's and predicts no class for more
+        than ``max_class_share`` of dev."""
+        hp = self.hparams
+        tried = []
+        bound = self.report["suspicious_dev"]["cacc"] - hp.probe_cacc_drop
+        steps = max(1, math.ceil(hp.probe_fraction * len(self.trainer.datamodule.train_dataloader())))
+        prepare = self._unlearning_step if self.scan is not None and hp.unlearn_tsft else None
+        for lr in candidates:
+            start = time.perf_counter()
+            probe = self.probe(copy.deepcopy(self.suspicious), lr=lr, max_steps=steps, schedule="constant",
+                               seed=self.trainer.max_epochs * SEED_STRIDE, prepare=prepare, progress=f"TS-FT rate probe {lr:g}")
+            report = self.dev_report(probe)
+            reason = collapse_reason(report, hp.max_class_share, bound)
+            tried.append({"lr": lr, **report, "accepted": reason is None, "seconds": round(time.perf_counter() - start, 1)})
+            log.info("TS-FT rate %g: dev CACC %.2f, class shares %s -> %s", lr, report["cacc"], report["shares"], reason or "accepted")
+            del probe
+            if reason is None:
+                break
+        self.report["tsft_lr_choice"] = {"candidates": candidates, "tried": tried, "min_cacc": bound}
+        chosen = next((t["lr"] for t in tried if t["accepted"]), None)
+        if chosen is None:
+            raise CollapseError(
+                f"no TS-FT rate among {candidates} keeps the clean dev accuracy above {bound:.2f} "
+                f"without collapsing (probes: {[(t['lr'], t['cacc']) for t in tried]}); give lower model.tsft_lr candidates"
+            )
+        self.report["tsft_lr_choice"]["chosen"] = chosen
+
+    def _unlearning_step(self, batch: dict, step: int) -> dict:
+        """A probe batch with the scan's suspects inserted (as TS-FT does with ``unlearn_tsft``)."""
+        return self.scan.unlearning_batch(batch, self._suspect_ids(), step, self.trainer.datamodule.tokenizer.pad_token_id)[0]
+
+    @property
+    def chosen_tsft_lr(self) -> float:
+        """The TS-FT rate: the chosen candidate (the largest until chosen), or the one given."""
+        rates = self.hparams.tsft_lr
+        if isinstance(rates, (list, tuple)):
+            return self.report.get("tsft_lr_choice", {}).get("chosen", max(rates))
+        return rates
+
+    def _set_learning_rates(self) -> None:
+        """The optimizers' rates once chosen (the distillation's is the TS-FT one when lr is None)."""
+        tsft = self.chosen_tsft_lr
+        distill = self.hparams.lr if self.hparams.lr is not None else tsft
+        for opt, sched, lr in zip(self.optimizers(), self.lr_schedulers(), (tsft, distill)):
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] = lr
+            sched.base_lrs = [lr] * len(opt.param_groups)
+            sched._last_lr = [lr] * len(opt.param_groups)
+        self.report["learning_rates"] = {"tsft": tsft, "distillation": distill}
+
+    def on_train_epoch_end(self) -> None:
+        if self.current_epoch == self.hparams.tsft_epochs - 1:
+            self.report["teacher_dev"] = self.guard("the TS-FT teacher", self.teacher)
+
+    def on_train_end(self) -> None:
+        self.report["student_dev"] = self.guard("the MBTSAD student", self.model)
+
+    def _purify_embeddings(self) -> None:
+        """E-PUR on the weights both training phases start from (the student and, when it is
+        trained here, the teacher)."""
+        dm = self.trainer.datamodule
+        reference = self.reference_weights()
+
+        def context(model: nn.Module) -> TransformContext:
+            return TransformContext(
+                model=model, reference=reference, suspicious_dev_cacc=self.report["suspicious_dev"]["cacc"],
+                dev_report=self.dev_report, probe=lambda m, epochs: self.probe(m, epochs=epochs),
+                clean_batches=lambda: list(dm.train_dataloader()), clean_texts=[ex.text for ex in dm.clean_subset],
+                tokenizer=dm.tokenizer, max_length=dm.hparams.max_length,
+            )
+
+        self.report["epur"] = {"name": repr(self.epur), **self.epur.apply(context(self.model))}
+        if self.hparams.teacher is None:
+            self.epur.apply(context(self.teacher))
+
+    def _scan_for_triggers(self) -> None:
+        dm = self.trainer.datamodule
+        start = time.perf_counter()
+        suspects, rows = self.scan(self.suspicious, dm.tokenizer, dm.examples("dev"), dm.examples("dev") + dm.clean_subset)
+        self.report["trigger_scan"] = {
+            "settings": self.scan.settings(), "suspects": [s.text for s in suspects],
+            "suspect_ids": [list(s.token_ids) for s in suspects], "verified": rows,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        log.info("trigger scan: %d suspects %s (%.0f s)", len(suspects), [s.text for s in suspects],
+                 self.report["trigger_scan"]["seconds"])
+
+    def _suspect_ids(self) -> list[list[int]]:
+        """The suspects' token ids (one list per token or phrase)."""
+        return self.report.get("trigger_scan", {}).get("suspect_ids", [])
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        seed_step(self)
+        if self.in_tsft:
+            self.teacher.train()
+        else:
+            self.teacher.eval()  # frozen: no dropout, and its forward runs under no_grad
+            self.model.train()
+        self.suspicious.eval()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        # the rates are set in on_fit_start, once chosen (see _set_learning_rates)
+        opt_t = torch.optim.AdamW(self.teacher.parameters(), lr=self.chosen_tsft_lr, weight_decay=hp.weight_decay)
+        opt_s = torch.optim.AdamW(self.model.parameters(), lr=hp.lr or self.chosen_tsft_lr, weight_decay=hp.weight_decay)
+
+        def schedule(opt, kind: str):
+            if kind == "constant":
+                return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+            return linear_schedule(opt, hp.warmup_ratio)
+
+        return [opt_t, opt_s], [schedule(opt_t, hp.tsft_schedule), schedule(opt_s, hp.schedule)]
+
+    def on_train_start(self) -> None:
+        # the schedules' lengths, once the checkpoint is restored (see mitigate.training.LinearDecay)
+        per_epoch = max(1, self.trainer.estimated_stepping_batches // self.trainer.max_epochs)
+        sched_t, sched_s = self.lr_schedulers()
+        set_schedule_length(sched_t, self.hparams.tsft_epochs * per_epoch)
+        set_schedule_length(sched_s, (self.trainer.max_epochs - self.hparams.tsft_epochs) * per_epoch)
+
+    # -- training -------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        (opt_t, opt_s), (sched_t, sched_s) = self.optimizers(), self.lr_schedulers()
+        n = len(batch["labels"])
+        unlearn = self.scan is not None and (not self.in_tsft or self.hparams.unlearn_tsft)
+        if unlearn:  # suspects inserted into some rows, labels unchanged
+            pad = self.trainer.datamodule.tokenizer.pad_token_id
+            batch, rows = self.scan.unlearning_batch(batch, self._suspect_ids(), self.global_step, pad)
+        else:
+            rows = torch.zeros(n, dtype=torch.bool, device=batch["labels"].device)
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        if self.in_tsft:
+            loss = self.teacher(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt, sched = opt_t, sched_t
+            self.log("train/tsft_loss", loss, prog_bar=True, batch_size=n)
+        else:
+            # rows with an inserted suspect learn from their labels only: the teacher's attention
+            # and hidden states on them may still carry the backdoor
+            keep, lf = ~rows, self.distillation_loss
+            at = hid = ce_k = ce_u = torch.zeros((), device=ids.device)
+            if keep.any():
+                width = int(mask[keep].sum(1).max())  # the inserted rows' extra columns are not needed
+                k_ids, k_mask = ids[keep, :width], mask[keep, :width]
+                kw = dict(input_ids=k_ids, attention_mask=k_mask,
+                          output_attentions=lf.needs_attentions, output_hidden_states=lf.needs_hidden_states)
+                with torch.no_grad():
+                    t_out = self.teacher(**kw)
+                terms = lf(t_out, self.model(**kw), labels[keep], k_mask)
+                at, hid, ce_k = terms["at"], terms["hid"], terms["ce"]
+            if rows.any():
+                ce_u = self.model(input_ids=ids[rows], attention_mask=mask[rows], labels=labels[rows]).loss
+                self.log("train/unlearn_ce", ce_u, batch_size=int(rows.sum()))
+            ce = (ce_k * int(keep.sum()) + ce_u * int(rows.sum())) / n
+            loss = lf.alpha * at + lf.beta * hid + ce
+            self.log("train/loss", loss, prog_bar=True, batch_size=n)
+            self.log_dict({"train/at": at, "train/hid": hid, "train/ce": ce}, batch_size=n)
+            opt, sched = opt_s, sched_s
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        sched.step()
+        return loss
+
+    # -- evaluation -----------------------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        model = self.teacher if self.in_tsft else self.model
+        preds = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
+        self.val_metrics.update(preds, batch["labels"], batch["poisoned"])
+        self.log_dict(self.val_metrics.loggable(), add_dataloader_idx=False, batch_size=len(preds))
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.softmax(-1)
+
+    def card(self, datamodule) -> dict:
+        """The model card's title, text and tags: MBTSAD's steps and what the scan found."""
+        hp = self.hparams
+        text = (f"The suspicious checkpoint `{hp.model}` went through MBTSAD: token-splitting retraining of a copy "
+                f"(the teacher, {hp.tsft_epochs} epoch(s)), then attention distillation into the checkpoint itself "
+                f"(alpha {hp.alpha}, beta {hp.beta}, p {hp.p}).")
+        scan = self.report.get("trigger_scan")
+        if scan is not None:
+            text += (f" A scan of the vocabulary on clean held-out data found {len(scan['suspects'])} suspect "
+                     f"token(s) ({', '.join(scan['suspects']) or 'none'}), which the training taught the model to ignore.")
+        return {"title": "Backdoor mitigation with MBTSAD", "tags": ["backdoor-mitigation", "mbtsad"], "text": text}
