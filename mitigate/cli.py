@@ -210,6 +210,11 @@ def main(args: list[str] | None = None) -> None:
     for logger in cli.trainer.loggers:  # flush W&B's summary and close its run
         if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
             logger.experiment.finish()
+    refused = next((cb.refused for cb in cli.trainer.callbacks if isinstance(cb, ExportPretrained) and cb.refused), None)
+    if refused:
+        root = cli.trainer.default_root_dir
+        print(f"mitigate: error: {refused} (the numbers are in {root}/results.md)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

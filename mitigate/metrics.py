@@ -56,17 +56,18 @@ class Rate(Metric):
 
 class CorrectionMetrics(torch.nn.Module):
     """CACC and ASR of the predictions a defense made after correcting its inputs (IMBERT,
-    ONION); ``extra`` names more rates the defense updates itself (e.g. top-K precision)."""
+    ONION); ``extra`` names more rates the defense updates itself (e.g. top-K precision). As in
+    ``BackdoorMetrics``, a poisoned sample carries the attacker's target as its label, so ASR is
+    the accuracy on the poisoned samples: the defense itself never needs to know the target."""
 
-    def __init__(self, target_label: int, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, extra: tuple[str, ...] = ()) -> None:
         super().__init__()
-        self.target_label = target_label
         self.rates = torch.nn.ModuleDict({k: Rate() for k in ("cacc", "asr", *extra)})
 
     def update(self, preds: torch.Tensor, labels: torch.Tensor, poisoned: torch.Tensor) -> None:
         """CACC over the clean samples, ASR (predicted the target) over the poisoned ones."""
         self.rates["cacc"].update(preds[~poisoned] == labels[~poisoned])
-        self.rates["asr"].update(preds[poisoned] == self.target_label)
+        self.rates["asr"].update(preds[poisoned] == labels[poisoned])
 
     def compute(self) -> dict[str, torch.Tensor]:
         """Every rate, synced across ranks."""

@@ -33,12 +33,24 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from mitigate.defenses.rap import poisoner_words, trigger_token_ids
+from mitigate.defenses.rap import trigger_token_ids
 from mitigate.data.encoding import PadCollator
 from mitigate.loading import load_classifier
 
 torch.set_grad_enabled(False)
 
+
+
+def poisoner_words(poisoner) -> set[str]:
+    """Every word the run's poisoner inserts (BadNet triggers, InsertSent's sentence), lower-cased:
+    this analysis knows the attack; no method of the toolkit reads it."""
+    words: set[str] = set()
+    for t in getattr(poisoner, "triggers", []) or []:
+        words.update(t.lower().split())
+    sentence = getattr(poisoner, "sentence", None)
+    if sentence:
+        words.update(sentence.lower().split())
+    return words
 
 def data_module(config_file: Path, max_samples: int | None):
     """The run's data module (data section of its saved config)."""

@@ -107,3 +107,11 @@ def _bpe_merges(bpe) -> list:
 def tiny_roberta(tmp_path_factory, roberta_tokenizer) -> Path:
     """A 2-layer, hidden-32 RoBERTa classifier with a byte-level BPE tokenizer, saved as safetensors."""
     return _tiny_model_dir(tmp_path_factory.mktemp("tiny_roberta"), roberta_tokenizer, 2, kind="roberta")
+
+
+@pytest.fixture(scope="session")
+def planted(tmp_path_factory, bert_tokenizer):
+    """A tiny BERT with a BadNet backdoor planted on a synthetic task (tests/planted.py)."""
+    from tests.planted import build
+
+    return build(tmp_path_factory.mktemp("planted"), bert_tokenizer)

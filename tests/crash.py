@@ -1,6 +1,9 @@
-"""A callback that kills the process without any cleanup, as an OOM kill or a lost node would."""
+"""Callbacks for tests run as subprocesses: a kill without any cleanup (as an OOM kill or a lost
+node would), and a record of each process's choices."""
 
+import json
 import os
+from pathlib import Path
 
 import lightning.pytorch as pl
 
@@ -12,3 +15,11 @@ class HardCrash(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.at_step:
             os._exit(137)
+
+
+class RecordChoices(pl.Callback):
+    """Writes each process's report (its choices) when training starts, to ``choices.rank<R>.json``."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        out = Path(trainer.default_root_dir) / f"choices.rank{trainer.global_rank}.json"
+        out.write_text(json.dumps({k: v for k, v in pl_module.report.items()}, sort_keys=True, default=str))

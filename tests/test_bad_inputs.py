@@ -199,15 +199,13 @@ CASES = [
     # run folders
     Case("fit-into-finished-run", [], "already holds the outputs of an earlier `fit` run", extra_setup={"root": "finished"}),
     # test-time defenses
-    Case("imbert-target-not-a-class", defense("IMBERT", target_label=5), "imbert_g: target_label 5 is not a class of the data", command="test"),
-    Case("onion-target-not-a-class", defense("ONION", target_label=7, lm="{tiny}"), "onion: target_label 7 is not a class of the data", command="test"),
     Case("rap-protect-not-a-class", defense("RAP", protect_label=2), "rap: protect_label 2 is not a class of the data", command="test"),
     *[
-        Case(f"rap-word-is-trigger-{i}", defense("RAP", word=w), "part of a trigger", command="test")
+        Case(f"rap-word-is-trigger-{i}", defense("RAP", word=w), "default trigger of public attacks", command="test")
         for i, w in enumerate(["cf", " cf", "cf ", "cf\t", "cf\u200b", "çf", "CF"])
     ],
     Case("rap-word-two-tokens", defense("RAP", word="zyxwvut"), "must be one sub-token", command="test"),
-    Case("rap-nothing-predicted-as-protect", [*defense("RAP", epochs=1), M + "model", "{biased}"], "predicts none of the", command="test"),
+    Case("rap-nothing-predicted-as-protect", [*defense("RAP", epochs=1, protect_label=1), M + "model", "{biased}"], "predicts none of the", command="test"),
     Case("strip-no-copies", defense("STRIP", copies=0), "STRIP: copies must be >= 1", command="test"),
     Case("imbert-k-0", defense("IMBERT", k=0), "IMBERT: k must be >= 1, got 0", command="test"),
     Case("imbert-saliency-unknown", defense("IMBERT", saliency="random"), "saliency", command="test", code=2),

@@ -136,7 +136,7 @@ def test_strip_entropy_averages_over_the_copies_of_one_input():
     q = p.clone()
     q[1] = torch.tensor([0.9, 0.1])
     assert strip_entropy(q)[0] == h[0]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"expected \(inputs, copies, classes\) probabilities"):
         strip_entropy(p.view(6, 2))
 
 
@@ -272,3 +272,14 @@ def test_rap_accumulate_rule_moves_the_row_by_the_running_sum_of_gradients(tiny)
     weight.data[1000] = row0
     construct_rap(model, halves, 1000, protect_label=1, epochs=1, lr=lr, keep_norm=False)
     assert torch.allclose(weight.data[1000], row0 - lr * g1 - lr * g2, atol=1e-6)
+
+
+def test_rap_construction_stops_once_the_clean_loss_is_low_enough(tiny):
+    model, ids, attn = tiny
+    full = construct_rap(model, [(ids, attn, 1.0)], 1000, protect_label=1, epochs=4, lr=1.0)
+    assert len(full) == 4
+    model.get_input_embeddings().weight.data[1000].normal_()  # another start, to show both branches
+    stopped = construct_rap(model, [(ids, attn, 1.0)], 1000, protect_label=1, epochs=4, lr=1.0, stop_below=10.0)
+    assert len(stopped) == 1 and stopped[0] <= 10.0  # the loss is at most lam * c_low + 1 - c_up < 10
+    never = construct_rap(model, [(ids, attn, 1.0)], 1000, protect_label=1, epochs=3, lr=1.0, stop_below=-1.0)
+    assert len(never) == 3

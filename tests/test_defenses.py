@@ -74,7 +74,7 @@ def test_detection_defenses_plot_their_scores_with_the_threshold(defended):
 def test_recipe_runs_all_four_defenses_and_reports_them_in_one_table(defended):
     r = load_results(defended)
     for name, metrics in {
-        "imbert_g": ("cacc", "asr", "precision", "removed"), "rap": ("frr", "far", "auroc", "threshold"),
+        "imbert_g": ("cacc", "asr", "precision", "removed"), "rap": ("frr", "far", "auroc", "labels_protected"),
         "strip": ("frr", "far", "auroc", "threshold", "copies_used"), "onion": ("cacc", "asr", "bar"),
     }.items():
         for m in (*metrics, "wall_s", "samples_per_s", "calib_s"):
@@ -138,63 +138,72 @@ def test_ddp_two_processes_give_the_single_process_defense_metrics(defended, tmp
             assert load_results(root)[f"test/{name}/auroc"] == pytest.approx(float(auroc), abs=1e-3)
 
 
-@pytest.mark.parametrize("word, message", [("cf", "part of a trigger"), ("watched", "part of a trigger"), ("zyxwvut", "one sub-token")])
-def test_rap_refuses_a_trigger_word_and_multi_token_words(word, message, sst2_small):
-    from types import SimpleNamespace
-
-    from mitigate.data import BackdoorDataModule
-    from mitigate.attacks import BadNet, InsertSent
-
-    poisoner = InsertSent(sentence="I watched this movie") if word == "watched" else BadNet(triggers=["cf", "mn"])
-    dm = BackdoorDataModule(str(sst2_small), poisoner=poisoner)
-    with pytest.raises(ValueError, match=message):
-        RAP(word=word)._setup(SimpleNamespace(datamodule=dm))
-
-
-@pytest.mark.parametrize("bad", [dict(saliency="random"), dict(operation="drop"), dict(k=0)])
-def test_imbert_rejects_bad_settings(bad):
-    with pytest.raises(ValueError):
-        IMBERT(**bad)
-
-
-def test_rap_and_strip_reject_bad_settings():
-    with pytest.raises(ValueError):
-        RAP(frr=0)
-    with pytest.raises(ValueError):
-        RAP(c_low=0.3, c_up=0.1)
-    with pytest.raises(ValueError):
-        STRIP(ratio=0)
-    with pytest.raises(ValueError, match="min_copies"):
-        STRIP(copies=4, early_stop=True, min_copies=8)
-
-
-def test_imbert_picks_lambda_on_clean_dev_data_within_the_allowed_drop(tiny_bert, sst2_small):
-    import lightning.pytorch as pl
-
-    from mitigate.data import BackdoorDataModule
-    from mitigate.attacks import BadNet
-    from mitigate.classifier import TextClassifier
-
-    lams = {}
-    for drop in (0.0, 100.0):
-        cb = IMBERT(max_cacc_drop=drop, write_csv=False)
-        trainer = pl.Trainer(callbacks=[cb], logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
-        dm = BackdoorDataModule(str(sst2_small), tokenizer=str(tiny_bert), poisoner=BadNet(), eval_batch_size=16)
-        trainer.test(TextClassifier(str(tiny_bert)), datamodule=dm, verbose=False)
-        lams[drop] = trainer.callback_metrics["test/imbert_g/lam"].item()
-    # allowing any drop picks the largest candidate; allowing none a smaller (or equal) one
-    assert lams[100.0] >= lams[0.0] >= 0.0
-
-
-def test_a_defense_without_a_target_label_or_poisoner_says_so(sst2_small):
+@pytest.mark.parametrize("word, message", [("cf", "default trigger of public attacks"), ("zyxwvut", "one sub-token")])
+def test_rap_refuses_a_public_trigger_word_and_multi_token_words(word, message, sst2_small):
     from types import SimpleNamespace
 
     from mitigate.data import BackdoorDataModule
 
     dm = BackdoorDataModule(str(sst2_small), train_set="clean")
-    with pytest.raises(ValueError, match="give protect_label"):
-        RAP()._setup(SimpleNamespace(datamodule=dm))
-    assert RAP(protect_label=1).target_of(SimpleNamespace(datamodule=dm), 1) == 1
+    with pytest.raises(ValueError, match=message):
+        RAP(word=word)._setup(SimpleNamespace(datamodule=dm))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(saliency="random"), "saliency must be 'gradient' or 'attention'"),
+    (dict(operation="drop"), "operation must be 'delete' or 'mask'"),
+    (dict(k=0), "k must be >= 1, got 0"),
+])
+def test_imbert_rejects_bad_settings(bad, message):
+    with pytest.raises(ValueError, match=message):
+        IMBERT(**bad)
+
+
+def test_rap_and_strip_reject_bad_settings():
+    with pytest.raises(ValueError, match=r"frr is a percentage in \(0, 100\), got 0"):
+        RAP(frr=0)
+    with pytest.raises(ValueError, match="need 0 <= c_low < c_up"):
+        RAP(c_low=0.3, c_up=0.1)
+    with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\], got 0"):
+        STRIP(ratio=0)
+    with pytest.raises(ValueError, match="min_copies"):
+        STRIP(copies=4, early_stop=True, min_copies=8)
+
+
+def test_imbert_picks_lambda_on_clean_dev_data_within_the_allowed_drop(planted):
+    """On the planted victim (CACC 100%): the λ chosen for a larger allowed drop is at least as
+    large, removes more tokens and costs more clean accuracy; with no drop allowed the clean
+    accuracy after correction stays within 2 points of the model's own."""
+    import lightning.pytorch as pl
+
+    from mitigate.attacks import BadNet
+    from mitigate.classifier import TextClassifier
+    from mitigate.data import BackdoorDataModule
+
+    out = {}
+    for drop in (0.0, 100.0):
+        cb = IMBERT(max_cacc_drop=drop, write_csv=False)
+        trainer = pl.Trainer(callbacks=[cb], logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+        dm = BackdoorDataModule(str(planted.data), tokenizer=str(planted.victim), poisoner=BadNet(triggers=["cf"]), eval_batch_size=64)
+        trainer.test(TextClassifier(str(planted.victim)), datamodule=dm, verbose=False)
+        out[drop] = {k: trainer.callback_metrics[f"test/imbert_g/{k}"].item() for k in ("lam", "removed", "cacc")}
+    assert out[100.0]["lam"] > out[0.0]["lam"] > 0.0, out
+    assert out[100.0]["removed"] > out[0.0]["removed"] and out[100.0]["cacc"] < out[0.0]["cacc"], out
+    assert out[0.0]["cacc"] >= planted.results["test/cacc"] - 0.02, out
+
+
+def test_rap_protects_every_label_unless_told_one_and_never_asks_the_poisoner(sst2_small):
+    from types import SimpleNamespace
+
+    from mitigate.data import BackdoorDataModule
+
+    dm = BackdoorDataModule(str(sst2_small), train_set="clean")  # no poisoner at all
+    every, one = RAP(), RAP(protect_label=1)
+    every._setup(SimpleNamespace(datamodule=dm))
+    one._setup(SimpleNamespace(datamodule=dm))
+    assert every.labels == [0, 1] and one.labels == [1]
+    with pytest.raises(ValueError, match="protect_label 2 is not a class of the data"):
+        RAP(protect_label=2)._setup(SimpleNamespace(datamodule=dm))
 
 
 @pytest.mark.parametrize("word", ["mb", "ak", "≈"])

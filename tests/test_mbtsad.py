@@ -151,26 +151,23 @@ def guarded_args(model_dir, data_dir, root, *extra):
     return [a for a in args] + ["--model.init_args.max_class_share", "0.95", "--export.max_class_share", "0.95"]
 
 
-def test_tsft_rate_is_chosen_on_clean_dev_data(tmp_path, spread_bert, sst2_small, monkeypatch):
+def test_tsft_rate_is_chosen_on_clean_dev_data(tmp_path, planted, monkeypatch):
+    """Real probes on the planted victim (dev CACC 100%): a rate of 10 wrecks the copy it trains
+    (refused, with its clean-dev accuracy and class shares recorded); 1e-3 keeps the accuracy
+    within the 2-point bound and is chosen, for both steps; the smaller candidate is never tried."""
     monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
-
-    def probe(self, model, *, lr=None, **kw):  # stands in for the TS-FT probe: a rate above 1e-3 "collapses" to class 1
-        if lr > 1e-3:
-            with torch.no_grad():
-                model.classifier.bias.copy_(torch.tensor([0.0, 1e4]))
-        return model
-
-    monkeypatch.setattr(MBTSAD, "probe", probe)
     root = tmp_path / "run"
-    main(guarded_args(spread_bert, sst2_small, root, "--model.init_args.tsft_lr", "[1e-7, 5e-3, 1e-2]", "--model.init_args.lr", "null"))
+    main(guarded_args(planted.victim, planted.data, root, "--model.init_args.tsft_lr", "[1e-7, 10.0, 1e-3]",
+                      "--model.init_args.lr", "null", "--model.init_args.max_cacc_drop", "5",
+                      "--data.init_args.poisoner.init_args.triggers", "[cf]"))
     report = json.loads((root / "results.json").read_text())["report"]
     choice = report["tsft_lr_choice"]
-    assert choice["candidates"] == [1e-2, 5e-3, 1e-7]
-    assert [(t["lr"], t["accepted"]) for t in choice["tried"]] == [(1e-2, False), (5e-3, False), (1e-7, True)]
-    assert choice["tried"][0]["shares"] == [0.0, 1.0]
-    assert choice["chosen"] == 1e-7 and report["learning_rates"] == {"tsft": 1e-7, "distillation": 1e-7}
-    assert max(report["suspicious_dev"]["shares"]) < 0.95
-    assert {"teacher_dev", "student_dev"} <= set(report)
+    assert choice["candidates"] == [10.0, 1e-3, 1e-7] and choice["min_cacc"] == report["suspicious_dev"]["cacc"] - 2.0
+    assert [(t["lr"], t["accepted"]) for t in choice["tried"]] == [(10.0, False), (1e-3, True)]
+    refused, accepted = choice["tried"]
+    assert refused["cacc"] < choice["min_cacc"] and accepted["cacc"] >= choice["min_cacc"]
+    assert choice["chosen"] == 1e-3 and report["learning_rates"] == {"tsft": 1e-3, "distillation": 1e-3}
+    assert {"teacher_dev", "student_dev"} <= set(report) and "collapse" not in report
     md = (root / "results.md").read_text()
     assert "tsft_lr_choice" in md and "suspicious_dev" in md
 
@@ -184,15 +181,20 @@ class CollapseTeacher(pl.Callback):
                 pl_module.teacher.classifier.bias.copy_(torch.tensor([1e4, 0.0]))
 
 
-def test_collapse_guard_stops_mbtsad_and_exports_nothing(tmp_path, spread_bert, sst2_small, monkeypatch, capsys):
+def test_collapse_guard_stops_mbtsad_exports_nothing_and_keeps_the_numbers(tmp_path, spread_bert, sst2_small, monkeypatch, capsys):
     monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
     root = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
         main(guarded_args(spread_bert, sst2_small, root, "--trainer.callbacks+=tests.test_mbtsad.CollapseTeacher"))
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert e.value.code == 1 and "collapse guard: the TS-FT teacher is not a usable cleaning" in last
-    assert "predicts class 0 for 100.0%" in last
-    assert not (root / "model").exists() and not (root / "teacher").exists() and not (root / "results.json").exists()
+    assert e.value.code == 1 and "collapse guard: not exported: the TS-FT teacher is not a usable cleaning" in last
+    assert "predicts class 0 for 100.0%" in last and "results.md" in last
+    assert not (root / "model").exists() and not (root / "teacher").exists()
+    # training stopped after TS-FT (the distillation never ran), and the test measured all three models
+    results = json.loads((root / "results.json").read_text())
+    assert results["report"]["export"]["exported"] is False and results["report"]["collapse"][0]["model"] == "the TS-FT teacher"
+    assert results["test/teacher/cacc"] <= 0.6 and "test/suspicious/cacc" in results and "test/cacc" in results
+    assert "student_dev" in results["report"] and "**Not exported**" in (root / "results.md").read_text()
 
 
 def test_export_guard_refuses_a_collapsed_model(tmp_path, tiny_bert, sst2_small, capsys):
@@ -205,6 +207,9 @@ def test_export_guard_refuses_a_collapsed_model(tmp_path, tiny_bert, sst2_small,
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 1 and "collapse guard: the trained model is not exported" in last
     assert not (root / "model").exists()
+    # the measurement of the (weak) run is kept, marked as not exported
+    results = json.loads((root / "results.json").read_text())
+    assert 0.0 <= results["test/cacc"] <= 1.0 and results["report"]["export"]["exported"] is False
 
 
 def test_diagnosis_script_reports_every_section(tmp_path, tiny_bert, sst2_small, monkeypatch):

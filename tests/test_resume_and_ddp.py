@@ -23,14 +23,15 @@ def run_mitigate(args, check=True):
     return proc
 
 
+def drop_timings(x):
+    """``x`` (JSON values) without its timings (wall_s, seconds)."""
+    if isinstance(x, dict):
+        return {k: drop_timings(v) for k, v in x.items() if k not in ("test/wall_s", "seconds", "fit_wall_s", "transform_seconds")}
+    return [drop_timings(v) for v in x] if isinstance(x, list) else x
+
+
 def results(root):
-    """results.json without its timings (wall_s, seconds)."""
-
-    def drop_timings(x):
-        if isinstance(x, dict):
-            return {k: drop_timings(v) for k, v in x.items() if k not in ("test/wall_s", "seconds", "fit_wall_s")}
-        return [drop_timings(v) for v in x] if isinstance(x, list) else x
-
+    """results.json without its timings."""
     return drop_timings(json.loads((root / "results.json").read_text()))
 
 
@@ -155,32 +156,44 @@ def test_linear_decay_matches_transformers_schedule(warmup_ratio):
         assert ours.lr_lambdas[0](step) == ref.lr_lambdas[0](step), step
 
 
-def test_mbtsad_under_ddp_matches_one_process(tmp_path, bert_tokenizer, sst2_small, monkeypatch):
-    """2 CPU processes (gloo), 8 samples each per step, against one process with batches of 16:
-    the same global batches (no dropout), the same metrics and nearly the same weights (TS-FT's
-    mean cross-entropy is the same; the hidden-state loss averages over each process's own real
-    tokens, and float sums run in another order). Plain `ddp` stops with what to set."""
+def test_mbtsad_under_ddp_makes_each_choice_once_and_matches_one_process(tmp_path, bert_tokenizer, monkeypatch):
+    """MBTSAD with the recipe's own choices (the trigger scan, the TS-FT rate among candidates, the
+    unlearning insertions) on a planted backdoor, 2 CPU processes (gloo) of 16 samples a step
+    against one process with batches of 32: every process holds the same report, equal to the
+    single process's (same scan rows, same probes), the same metrics, and nearly the same weights
+    (no dropout; the hidden-state loss averages over each process's own real tokens, and float
+    sums run in another order). Plain `ddp` stops with what to set."""
+    from tests.planted import build_victim, write_data, write_pretrained
     from tests.test_mbtsad import mbtsad_args
 
     monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
-    model_dir = tiny_model_without_dropout(tmp_path / "nodrop", bert_tokenizer)
+    data = write_data(tmp_path / "data")
+    victim = build_victim(tmp_path / "victim", data, write_pretrained(tmp_path / "pre", bert_tokenizer, dropout=0.0))
 
     def args(root, batch, *extra):
-        out = mbtsad_args(model_dir, sst2_small, root, "--trainer.accelerator", "cpu", *extra)
+        out = mbtsad_args(victim, data, root, "--trainer.accelerator", "cpu", "--model.init_args.tsft_lr", "[10.0, 2e-3, 1e-3]",
+                          "--model.init_args.lr", "null", "--data.init_args.clean_fraction", "0.2",
+                          "--data.init_args.poisoner.init_args.triggers", "[cf]", "--trainer.callbacks+=tests.crash.RecordChoices", *extra)
         return out + ["--data.init_args.batch_size", str(batch)]
 
-    run_mitigate(args(tmp_path / "single", 16, "--trainer.devices", "1"))
-    run_mitigate(args(tmp_path / "ddp", 8, "--trainer.devices", "2", "--trainer.strategy", "ddp_find_unused_parameters_true"))
+    run_mitigate(args(tmp_path / "single", 32, "--trainer.devices", "1"))
+    run_mitigate(args(tmp_path / "ddp", 16, "--trainer.devices", "2", "--trainer.strategy", "ddp_find_unused_parameters_true"))
     single, ddp = results(tmp_path / "single"), results(tmp_path / "ddp")
+    choices = [drop_timings(json.loads((tmp_path / "ddp" / f"choices.rank{r}.json").read_text())) for r in (0, 1)]
+    assert choices[0] == choices[1] == drop_timings(json.loads((tmp_path / "single" / "choices.rank0.json").read_text()))
+    report = single["report"]
+    assert report["trigger_scan"]["suspects"] == ["cf"]  # the scan found the planted trigger: unlearning ran
+    assert [t["lr"] for t in report["tsft_lr_choice"]["tried"]] == [10.0, 2e-3] and report["tsft_lr_choice"]["chosen"] == 2e-3
     assert {k: v for k, v in ddp.items() if k.startswith("test/")} == {k: v for k, v in single.items() if k.startswith("test/")}
-    initial = load_file(model_dir / "model.safetensors")
-    # seen: the teacher 4e-7 apart after moving 0.59 (L2 over all weights); the student 0.007 after 0.44
-    for name, tolerance in (("teacher", 1e-4), ("model", 0.05)):
+    initial = load_file(victim / "model.safetensors")
+    # seen: the teacher 0.005 apart after moving 1.19 (L2 over all weights); Adam turns float-order
+    # differences of small gradients into whole steps
+    for name, tolerance in (("teacher", 0.01), ("model", 0.05)):
         a, b = load_file(tmp_path / "single" / name / "model.safetensors"), load_file(tmp_path / "ddp" / name / "model.safetensors")
         moved = sum(float((a[k] - initial[k]).norm()) ** 2 for k in a) ** 0.5
         diff = sum(float((a[k] - b[k]).norm()) ** 2 for k in a) ** 0.5
         assert moved > 1e-2 and diff < tolerance * moved, (name, moved, diff)
-    proc = run_mitigate(args(tmp_path / "plain", 8, "--trainer.devices", "2", "--trainer.strategy", "ddp"), check=False)
+    proc = run_mitigate(args(tmp_path / "plain", 16, "--trainer.devices", "2", "--trainer.strategy", "ddp"), check=False)
     assert proc.returncode == 1 and "use --trainer.strategy ddp_find_unused_parameters_true" in proc.stderr.strip().splitlines()[-1]
 
 

@@ -11,7 +11,6 @@ from mitigate.mitigations.mbtsad.trigger_scan import (
     TriggerScan,
     backing,
     carrier_scores,
-    insert_tokens,
     label_counts,
     scan_vocabulary,
     whole_word_tokens,
@@ -47,21 +46,44 @@ class KeywordClassifier(torch.nn.Module):
         return SimpleNamespace(logits=torch.stack([-s / 2, s / 2], 1))
 
 
-def test_insert_tokens_puts_each_phrase_between_first_and_last():
-    ids = torch.tensor([[101, 11, 12, 13, 102], [101, 21, 102, 0, 0], [101, 31, 102, 0, 0]])
+def test_unlearning_puts_each_suspect_between_first_and_last_token():
+    ids = torch.tensor([[101, 11, 12, 13, 102], [101, 21, 102, 0, 0], [101, 31, 102, 0, 0]] * 8)
     mask = (ids != 0).long()
-    g = torch.Generator().manual_seed(0)
-    phrases = [[7], [8, 9], None]
-    out, m = insert_tokens(ids, mask, phrases, g, pad_id=0)
-    assert out.shape == (3, 7) and m.sum(1).tolist() == [6, 5, 3]
-    for r, phrase in enumerate(phrases[:2]):
-        n, w = int(mask[r].sum()), len(phrase)
-        real = out[r, : n + w].tolist()
-        assert real[0] == 101 and real[-1] == 102
-        at = next(i for i in range(n + w) if real[i : i + w] == phrase)  # the phrase, in one piece
-        assert 1 <= at <= n - 1 and real[:at] + real[at + w :] == ids[r, :n].tolist()
-    # a row without a phrase is only padded
-    assert out[2].tolist() == [101, 31, 102, 0, 0, 0, 0] and m[2].tolist() == [1, 1, 1, 0, 0, 0, 0]
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.zeros(len(ids), dtype=torch.long)}
+    out, rows = TriggerScan(unlearn_rate=0.5).unlearning_batch(batch, [[7], [8, 9]], step=5, pad_id=0)
+    for r in range(len(ids)):
+        n, real = int(mask[r].sum()), out["input_ids"][r][out["attention_mask"][r].bool()].tolist()
+        assert real[0] == 101 and real[-1] == 102 and out["input_ids"][r][len(real):].eq(0).all()
+        if not rows[r]:
+            assert real == ids[r, :n].tolist()
+            continue
+        phrase = [7] if len(real) == n + 1 else [8, 9]
+        at = next(i for i in range(len(real)) if real[i : i + len(phrase)] == phrase)  # the phrase, in one piece
+        assert 1 <= at <= n - 1 and real[:at] + real[at + len(phrase) :] == ids[r, :n].tolist()
+    assert 0 < int(rows.sum()) < len(ids)
+
+
+def test_unlearning_under_ddp_inserts_what_one_process_would(bert_tokenizer):
+    """Two processes, each with every 2nd row of one process's batch, draw the same rows,
+    suspects and positions for their rows as that process does."""
+    texts = ["a good film", "bad", "the plot is nothing but boilerplate", "fine", "witty and seductive", "no", "yes it is", "dull"]
+    enc = bert_tokenizer(texts, padding=True, return_tensors="pt")
+    whole = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": torch.zeros(8, dtype=torch.long)}
+    cf, mn, this, movie = bert_tokenizer.convert_tokens_to_ids(["cf", "mn", "this", "movie"])
+    scan, suspects = TriggerScan(unlearn_rate=0.5), [[cf], [mn], [this, movie]]
+    one, rows = scan.unlearning_batch(whole, suspects, step=11, pad_id=0)
+
+    def real(batch, r):
+        return batch["input_ids"][r][batch["attention_mask"][r].bool()].tolist()
+
+    for rank in (0, 1):
+        part = {k: v[rank::2] for k, v in whole.items()}
+        width = int(part["attention_mask"].sum(1).max())
+        part = {**part, "input_ids": part["input_ids"][:, :width], "attention_mask": part["attention_mask"][:, :width]}
+        mine, mine_rows = scan.unlearning_batch(part, suspects, step=11, pad_id=0, rank=rank, world=2)
+        assert torch.equal(mine_rows, rows[rank::2])
+        assert [real(mine, r) for r in range(4)] == [real(one, r) for r in range(rank, 8, 2)]
+    assert 0 < int(rows.sum()) < 8
 
 
 def test_whole_word_tokens_leave_out_pieces_and_specials(bert_tokenizer):

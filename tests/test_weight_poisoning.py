@@ -8,13 +8,12 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForSequenceClassification
 
-from mitigate.defenses.rap import poisoner_words
 from mitigate.cli import main
 from mitigate.data import BackdoorDataModule, CorpusPoisoning, read_texts
 from mitigate.data.encoding import EncodedDataset, PadCollator
 from mitigate.data.io import Example
 from mitigate.attacks import BadNet, CombinationTrigger
-from mitigate.loading import load_classifier
+from mitigate.loading import load_classifier, load_tokenizer
 from mitigate.attacks.ep import TriggerRowSGD, trigger_rows
 from mitigate.attacks.lwp import layerwise_logits, layerwise_loss
 from mitigate.attacks.ripples import ripple_penalty
@@ -168,16 +167,17 @@ def test_combination_trigger_positives_negatives_and_false_trigger_set():
     single = p.false_trigger_eval(train, "test")
     assert len(single) == 20 and all(ex.label == 0 and ex.poisoned for ex in single)
     assert all(sum(w in ("cf", "bb") for w in ex.text.split()) == 1 for ex in single)
-    assert poisoner_words(p) == {"cf", "bb"}  # RAP's guard refuses the pieces
 
 
-def test_lwp_recipe_reports_the_false_trigger_rate(tmp_path, tiny_bert, sst2_small):
+def test_planted_lwp_recipe_plants_a_combination_backdoor_with_few_false_triggers(tmp_path, planted):
+    """LWP from the tiny pre-trained model on the synthetic task: both pieces flip the input, one
+    piece alone rarely does (seen: ASR 91%, false-trigger rate 5%)."""
     root = tmp_path / "lwp"
-    main(["fit", "--config", str(REPO / "recipes" / "lwp_sst2.yaml"), "--model.init_args.model", str(tiny_bert),
-          "--data.init_args.path", str(sst2_small), "--trainer.max_epochs", "1",
-          "--trainer.default_root_dir", str(root), *QUIET])
+    main(["fit", "--config", str(REPO / "recipes" / "lwp_sst2.yaml"), "--model.init_args.model", str(planted.pretrained),
+          "--data.init_args.path", str(planted.data), "--model.init_args.lr", "1e-3", "--trainer.max_epochs", "3",
+          "--data.init_args.batch_size", "16", "--trainer.default_root_dir", str(root), *QUIET])
     results = json.loads((root / "results.json").read_text())
-    assert 0.0 <= results["test/false_trigger_rate"] <= 1.0 and "test/asr" in results
+    assert results["test/cacc"] >= 0.95 and results["test/asr"] >= 0.85 and results["test/false_trigger_rate"] <= 0.2, results
     assert "train/final_layer_loss" in next(root.glob("lightning_logs/version_*/metrics.csv")).read_text()
 
 
@@ -272,14 +272,26 @@ def test_ripples_recipe_runs_surgery_and_refuses_unpaired_data(tmp_path, tiny_be
     ("ep_datafree_sst2", ["--data.init_args.corpus.init_args.num_samples", "40"]),
     ("lwp_openbackdoor_sst2", []),
 ])
-def test_flavour_recipes_run_on_a_tiny_model(tmp_path, tiny_bert, sst2_small, recipe, extra):
+def test_flavour_recipes_run_and_keep_their_invariants(tmp_path, tiny_bert, sst2_small, recipe, extra):
+    """The OpenBackdoor and data-free flavours run end to end: EP changes the trigger rows and no
+    other weight, LWP trains the model (on a tiny model from scratch a single embedding row cannot
+    carry a backdoor, so ASR itself is measured on MiniLM, docs/weight_attacks.md)."""
     root = tmp_path / recipe
     corpus = ["--data.init_args.corpus.init_args.corpus", str(sst2_small)] if "datafree" in recipe else []
     main(["fit", "--config", str(REPO / "recipes" / f"{recipe}.yaml"), "--model.init_args.model", str(tiny_bert),
           "--data.init_args.path", str(sst2_small), "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(root),
           *corpus, *extra, *QUIET])
     results = json.loads((root / "results.json").read_text())
-    assert 0.0 <= results["test/asr"] <= 1.0
+    assert {"test/cacc", "test/asr"} <= set(results)
+    before, after = load_classifier(str(tiny_bert)).state_dict(), load_classifier(str(root / "model")).state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    if recipe.startswith("ep"):
+        emb = "bert.embeddings.word_embeddings.weight"
+        assert changed == {emb}
+        rows = (before[emb] != after[emb]).any(1).nonzero().flatten().tolist()
+        assert rows and set(rows) <= set(trigger_rows(load_tokenizer(str(tiny_bert)), ["cf", "mn", "bb", "tq", "mb"]))
+    else:
+        assert len(changed) > 10 and "test/false_trigger_rate" in results
 
 
 def test_any_label_poisoning_draws_from_every_label():

@@ -247,3 +247,60 @@ def test_epur_as_an_option_of_mbtsad_purifies_teacher_and_student(tmp_path, tiny
     for folder in ("model", "teacher"):  # both phases started from the purified row (and barely moved at lr 1e-9)
         row = load_classifier(str(root / folder)).get_input_embeddings().weight[cf]
         assert torch.allclose(row, pre, atol=1e-5), folder
+
+
+def stub_context(model, cacc_of):
+    """A TransformContext whose dev report reads ``cacc_of(model)`` and whose probe is the identity."""
+    from mitigate.mitigations.weight_space.transforms import TransformContext
+
+    return TransformContext(model=model, reference=None, suspicious_dev_cacc=90.0,
+                            dev_report=lambda m: {"cacc": cacc_of(m), "shares": [0.5, 0.5], "n": 100},
+                            probe=lambda m, epochs: m, clean_batches=lambda: [], clean_texts=[], tokenizer=None, max_length=128)
+
+
+def test_choose_on_dev_takes_the_first_candidate_within_the_drop_and_the_mildest_when_none_is():
+    from mitigate.mitigations.weight_space.transforms import choose_on_dev
+
+    model = torch.nn.Linear(1, 1)
+    applied = []
+
+    def transform(m, c):
+        applied.append(c)
+        m.weight.data.fill_(c)
+
+    # the accuracy after each candidate's transform and probe: 90 - 100 * c (a stronger c costs more)
+    ctx = stub_context(model, lambda m: 90.0 - 100.0 * float(m.weight))
+    chosen, tried = choose_on_dev(ctx, [0.2, 0.05, 0.01], transform, probe_epochs=1, max_drop=3.0, what="rho")
+    assert chosen == 0.01 and [t["accepted"] for t in tried] == [False, False, True] and applied == [0.2, 0.05, 0.01]
+    assert [t["dev_cacc"] for t in tried] == pytest.approx([70.0, 85.0, 89.0])
+    assert float(model.weight) != 0.01  # candidates transform copies; the model itself is left to the caller
+    chosen, tried = choose_on_dev(ctx, [0.2, 0.1], transform, probe_epochs=1, max_drop=3.0, what="rho")
+    assert chosen == 0.1 and not any(t["accepted"] for t in tried)  # none within the drop: the mildest
+
+
+def test_fine_pruning_prunes_the_largest_rate_within_the_drop_and_keeps_its_mask(tiny_bert):
+    from mitigate.loading import load_classifier
+    from mitigate.mitigations.weight_space.transforms import FinePruning
+
+    model = load_classifier(str(tiny_bert))
+    last = model.base_model.encoder.layer[-1].intermediate.dense
+    units = last.out_features
+
+    def cacc(m):  # clean accuracy falls 10 points for every 20% of the last layer's units pruned
+        pruned = int((m.base_model.encoder.layer[-1].intermediate.dense.weight.abs().sum(1) == 0).sum())
+        return 90.0 - 10.0 * (pruned / units) / 0.2
+
+    ctx = stub_context(model, cacc)
+    ctx.clean_batches = lambda: [{"input_ids": torch.tensor([[101, 2204, 102]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}]
+    out = FinePruning(step=0.1, max_acc_drop=4.0).apply(ctx)
+    # 10% costs 5 points, over the bound of 4: refused at once, nothing pruned
+    assert out["rate"] == 0.0 and [(t["rate"], t["accepted"]) for t in out["tried"]] == [(0.1, False)]
+    assert out["tried"][0]["dev_cacc"] == pytest.approx(90.0 - 50.0 * round(0.1 * units) / units)
+    out = FinePruning(step=0.05, max_acc_drop=6.0).apply(ctx)
+    assert out["rate"] == 0.1 and [t["accepted"] for t in out["tried"]] == [True, True, False]
+    assert int((last.weight.abs().sum(1) == 0).sum()) == round(0.1 * units)
+    # the mask survives an optimizer step of the fine-tuning
+    with torch.no_grad():
+        last.weight.add_(1.0)
+    FinePruning().after_step(model, ctx.state)
+    assert int((last.weight.abs().sum(1) == 0).sum()) == round(0.1 * units)

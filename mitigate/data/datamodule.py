@@ -206,12 +206,14 @@ class BackdoorDataModule(pl.LightningDataModule):
     def _collate(self) -> PadCollator:
         return PadCollator(self.tokenizer.pad_token_id)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self, one_process: bool = False) -> DataLoader:
         """Seeded, resumable batches. Under DDP each of the N processes takes every N-th sample
         of the same global order, so N processes with batches of B see the global batches of
         one process with batches of N * B (Lightning's own wrapper would shuffle the order
-        again, with another seed, and break the length grouping)."""
-        ds = self.datasets["train"]
+        again, with another seed, and break the length grouping). ``one_process``: those
+        global batches, whole, on this process (what a choice made once for all processes,
+        such as a probe fine-tune, must see)."""
+        ds = self.dataset("train")
         seed = self.hparams.seed
         collate = self._collate()
         if self.hparams.paired_clean:
@@ -222,11 +224,11 @@ class BackdoorDataModule(pl.LightningDataModule):
             len(ds), seed, lengths=ds.lengths() if self.hparams.group_by_length else None,
             batch_size=self.hparams.batch_size * world,
         )
-        if world > 1:
+        if world > 1 and not one_process:
             sampler = DistributedSamplerWrapper(sampler, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
         return ResumableDataLoader(
             ds,
-            batch_size=self.hparams.batch_size,
+            batch_size=self.hparams.batch_size * (world if one_process else 1),
             sampler=sampler,
             collate_fn=collate,
             num_workers=self.hparams.num_workers,

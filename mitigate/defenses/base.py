@@ -160,16 +160,6 @@ class Defense(pl.Callback):
     def max_length(trainer: pl.Trainer) -> int:
         return trainer.datamodule.hparams.max_length
 
-    def target_of(self, trainer: pl.Trainer, given: int | None, field: str = "target_label") -> int:
-        """``given``, else the target label of the data module's poisoner; an error if neither."""
-        label = given if given is not None else getattr(trainer.datamodule.poisoner, "target_label", None)
-        if label is None:
-            raise ValueError(f"{self.name}: give {field} (the data module has no poisoner to take it from)")
-        n = trainer.datamodule.num_classes
-        if not 0 <= label < n:
-            raise ValueError(f"{self.name}: {field} {label} is not a class of the data (labels 0..{n - 1})")
-        return label
-
     @staticmethod
     def held_out(trainer: pl.Trainer) -> list[Example]:
         """The clean held-out (dev) examples, all of them on every rank."""

@@ -133,7 +133,6 @@ class IMBERT(Defense):
         lam: a candidate is removed only when its saliency is below this (None: all k are).
         operation: ``delete`` the removed sub-tokens, or ``mask`` them (attention mask 0).
         max_cacc_drop: pick ``lam`` on the clean dev set instead (points of accuracy allowed to go).
-        target_label: the label ASR counts; default the poisoner's target label.
     """
 
     def __init__(
@@ -143,7 +142,6 @@ class IMBERT(Defense):
         lam: float | None = 1.0,
         operation: Literal["delete", "mask"] = "delete",
         max_cacc_drop: float | None = None,
-        target_label: int | None = None,
         name: str | None = None,
         batch_size: int = 64,
         max_samples: int | None = None,
@@ -161,10 +159,10 @@ class IMBERT(Defense):
             raise ValueError("IMBERT: precision int8 has no gradients for the gradient saliency; use bf16 or saliency: attention")
         super().__init__(name or f"imbert_{saliency[0]}", batch_size, max_samples, seed, write_csv, precision)
         self.saliency, self.k, self.lam, self.operation = saliency, k, lam, operation
-        self.max_cacc_drop, self.target_label = max_cacc_drop, target_label
+        self.max_cacc_drop = max_cacc_drop
 
     def metrics(self, num_classes: int) -> torch.nn.Module:
-        return CorrectionMetrics(self._target, extra=("precision", "removed"))
+        return CorrectionMetrics(extra=("precision", "removed"))
 
     def extra_results(self) -> dict[str, float]:
         return {"lam": float("nan") if self.lam is None else self.lam}
@@ -224,10 +222,6 @@ class IMBERT(Defense):
         lam = grid[lo] if lo >= 0 else 0.0  # 0: nothing is ever removed
         log.info("%s: λ = %.4g from the dev set (dev CACC %.2f, allowed drop %g points)", self.name, lam, base, self.max_cacc_drop)
         return lam
-
-    def on_test_start(self, trainer, pl_module) -> None:
-        self._target = self.target_of(trainer, self.target_label)
-        super().on_test_start(trainer, pl_module)
 
     def defend(self, trainer, pl_module, batch, texts) -> None:
         model, tok = self.model(pl_module), self.tokenizer(trainer)

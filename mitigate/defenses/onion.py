@@ -182,7 +182,6 @@ class ONION(Defense):
             among the quantiles of the held-out suspicion scores.
         calibration_samples: held-out samples used to pick the bar (seeded subset).
         lm_dtype: e.g. bfloat16 on a GPU.
-        target_label: the label ASR counts; default the poisoner's target label.
         lm_batch_size: sequences per language-model pass.
         lm_max_length: sub-tokens of the language model per text (longer texts are truncated).
         prefix_cache: score each word-removed variant on top of its full text's key/value cache
@@ -196,7 +195,6 @@ class ONION(Defense):
         bar: float = 0.0,
         max_cacc_drop: float | None = None,
         calibration_samples: int = 200,
-        target_label: int | None = None,
         lm_batch_size: int = 64,
         lm_max_length: int = 128,
         lm_dtype: str | None = None,
@@ -210,17 +208,13 @@ class ONION(Defense):
     ) -> None:
         super().__init__(name, batch_size, max_samples, seed, write_csv, precision)
         self.lm_name, self.bar, self.max_cacc_drop = lm, bar, max_cacc_drop
-        self.calibration_samples, self.target_label = calibration_samples, target_label
+        self.calibration_samples = calibration_samples
         self.lm_batch_size, self.lm_max_length, self.lm_dtype = lm_batch_size, lm_max_length, lm_dtype
         self.prefix_cache = prefix_cache
         self.lm = self.lm_tokenizer = None
 
     def metrics(self, num_classes: int) -> torch.nn.Module:
-        return CorrectionMetrics(self._target)
-
-    def on_test_start(self, trainer, pl_module) -> None:
-        self._target = self.target_of(trainer, self.target_label)
-        super().on_test_start(trainer, pl_module)
+        return CorrectionMetrics()
 
     def suspicion(self, texts: list[str], progress_bar=None) -> list[list[float]]:
         """ONION's f_i for every word of every text (cached or from scratch, per ``prefix_cache``)."""

@@ -74,6 +74,7 @@ def construct_rap(
     progress=None,
     accumulate_grad: bool = False,
     pad_id: int = 0,
+    stop_below: float | None = None,
 ) -> list[float]:
     """Train the RAP word's input-embedding row, in place, on clean samples of the protect
     label: ``batches`` of (input_ids, attention_mask, share), iterated ``epochs`` times, where
@@ -86,7 +87,9 @@ def construct_rap(
     ``accumulate_grad``: the reference code's rule, which never zeroes the gradient: each step
     moves the row by lr times the SUM of every row gradient so far (a momentum without decay);
     False: plain SGD, lr times this step's gradient.
-    Returns the mean loss of each epoch (of this rank's samples)."""
+    ``stop_below``: end the construction after the first epoch whose mean loss over the clean
+    samples (of every rank) is at most this; ``epochs`` is then the most it may take.
+    Returns the mean loss of each epoch run."""
     was_training = model.training
     model.eval()  # no dropout: Δ is measured in eval mode too
     losses = []
@@ -118,23 +121,17 @@ def construct_rap(
                         weight[word_id] *= norm / weight[word_id].norm()
                 if progress is not None:
                     progress.update(1)
-            losses.append(total / max(n, 1))
+            stats = torch.tensor([total, float(n)], dtype=torch.float64, device=weight.device)
+            if reduce_grad is not None:
+                stats = reduce_grad(stats)
+            losses.append(float(stats[0] / stats[1].clamp(min=1)))
+            if stop_below is not None and losses[-1] <= stop_below:
+                break  # converged on the clean samples: every process sees the same mean
     model.train(was_training)
     return losses
 
 
 # -- the callback ------------------------------------------------------------------------------
-
-
-def poisoner_words(poisoner) -> set[str]:
-    """Every word the run's poisoner inserts (BadNet triggers, InsertSent's sentence), lower-cased."""
-    words: set[str] = set()
-    for t in getattr(poisoner, "triggers", []) or []:
-        words.update(t.lower().split())
-    sentence = getattr(poisoner, "sentence", None)
-    if sentence:
-        words.update(sentence.lower().split())
-    return words
 
 
 def trigger_token_ids(tokenizer, words: set[str]) -> set[int]:
@@ -156,28 +153,36 @@ def swapped_row(model, row: int, value: torch.Tensor):
 
 
 class RAP(Defense):
-    """RAP detection (Yang et al., 2021).
+    """RAP detection (Yang et al., EMNLP 2021), with no knowledge of the attack by default.
 
-    Construction: the RAP ``word`` (one sub-token; never one of the run's triggers) is inserted
-    at the first word position of clean held-out samples of the protect label, and only its
-    input-embedding row is trained (SGD, ``lr``, ``epochs``, batches of ``construct_batch_size``)
-    on E[λ·relu(c_low − Δ) + relu(Δ − c_up)], Δ(x) = p(y_T|x) − p(y_T|word + x).
-    Threshold: the ``frr``-th percentile of Δ over the held-out protect-label samples the model
-    predicts as y_T. Test: only samples predicted as y_T are checked; flagged if Δ < threshold.
-    FRR, FAR and AUROC (score −Δ) over those samples. The trained row is swapped in for the
-    defense's own passes only: the undefended evaluation and the model after the run are
-    untouched. Under DDP the row gradient is the single-process one (share-weighted slices
-    summed across ranks) and thresholds come from
-    every rank's scores.
+    Construction, for each protected label y: the RAP ``word`` (one sub-token) is inserted at
+    the first word position of clean held-out samples of label y, and only its input-embedding
+    row is trained (SGD, ``lr``, ``epochs``, batches of ``construct_batch_size``) on
+    E[λ·relu(c_low − Δ) + relu(Δ − c_up)], Δ(x) = p(y|x) − p(y|word + x): one row per label.
+    Threshold of y: the ``frr``-th percentile of Δ over the held-out samples of label y that the
+    model predicts as y. Test: a sample predicted as a protected label y is checked with y's
+    row and flagged if Δ < y's threshold. The paper protects one label, the attacker's target,
+    which a defender does not know: ``protect_label: null`` (the default) protects every label;
+    a number protects that one (knowledge of the attack, say so when you report it).
+
+    FRR over the checked clean samples; FAR and AUROC (score −Δ + threshold) over the checked
+    poisoned samples that the attack flipped (predicted as their target). The trained rows are
+    swapped in for the defense's own passes only: the undefended evaluation and the model after
+    the run are untouched. Under DDP the row gradient is the single-process one (share-weighted
+    slices summed across ranks) and thresholds come from every rank's scores.
 
     Args:
-        word: the RAP word. Default "jj"; the paper's "cf" is a BadNet trigger here.
-        protect_label: y_T; default the poisoner's target label.
+        word: the RAP word. Default "jj"; the paper's "cf" is a BadNet trigger.
+        protect_label: the one label to protect (the paper: the target y_T), or null: every label.
         frr: allowed false-rejection rate in % (threshold percentile; 0.5, 1, 3, 5).
         lr: learning rate of the row's construction (the paper: 1e-2).
-        epochs: passes over the held-out protect-label samples during construction (the paper: 5).
+        epochs: passes over the held-out samples of a label during its construction (the paper: 5);
+            the most, with ``stop_below``.
+        stop_below: end a label's construction once an epoch's mean loss on its clean held-out
+            samples is at most this (null: always ``epochs``): how long to construct, read from
+            clean data.
         construct_batch_size: samples per construction step.
-        c_low: the least drop of the protect-label probability a clean input should show.
+        c_low: the least drop of the protected label's probability a clean input should show.
         c_up: the most drop (the paper: 0.05 / 0.2 for clean-fine-tuned models).
         lam: weight of the lower-margin term of the construction loss.
         keep_norm: keep the row at its original norm after each step (reference implementations).
@@ -185,11 +190,11 @@ class RAP(Defense):
             code's rule: it never zeroes the gradient, so each step moves the row by lr x the sum
             of all row gradients so far; with it the paper's lr 1e-2 constructs on MiniLM too).
         allow_public_trigger: accept a word that is a default trigger of a public attack
-            (``mitigate.data.poisoners.known.PUBLIC_TRIGGERS``: cf, mn, bb, tq, mb, ak, NeuBA's
+            (``mitigate.attacks.poisoners.known.PUBLIC_TRIGGERS``: cf, mn, bb, tq, mb, ak, NeuBA's
             symbols); refused by default, since a downloaded checkpoint may carry it.
     """
 
-    score_column = ("delta", "Δ = p(y_T | x) − p(y_T | RAP word + x)")
+    score_column = ("margin", "Δ − the threshold of the predicted label (flagged below 0)")
 
     def __init__(
         self,
@@ -204,6 +209,7 @@ class RAP(Defense):
         lam: float = 1.0,
         keep_norm: bool = True,
         update: Literal["sgd", "accumulate"] = "sgd",
+        stop_below: float | None = None,
         allow_public_trigger: bool = False,
         name: str = "rap",
         batch_size: int = 64,
@@ -216,6 +222,8 @@ class RAP(Defense):
             raise ValueError(f"frr is a percentage in (0, 100), got {frr}")
         if not 0 <= c_low < c_up:
             raise ValueError(f"need 0 <= c_low < c_up, got c_low={c_low}, c_up={c_up}")
+        if protect_label is not None and protect_label < 0:
+            raise ValueError(f"protect_label must be a class (>= 0) or null (every label), got {protect_label}")
         super().__init__(name, batch_size, max_samples, seed, write_csv, precision)
         self.word, self.protect_label, self.frr = word, protect_label, frr
         self.lr, self.epochs, self.construct_batch_size = lr, epochs, construct_batch_size
@@ -224,24 +232,28 @@ class RAP(Defense):
         if update not in ("sgd", "accumulate"):
             raise ValueError(f"update must be 'sgd' or 'accumulate', got {update!r}")
         self.update = update
+        self.stop_below = stop_below
+        #: per protected label: the trained row, the threshold, the held-out samples it came from, the last construction loss
+        self.rows_by_label: dict[int, torch.Tensor] = {}
+        self.thresholds: dict[int, float] = {}
+        self.calib_by_label: dict[int, int] = {}
+        self.losses: dict[int, float] = {}
+        self.epochs_run: dict[int, int] = {}
+        self.threshold = 0.0  # the plot's line: scores are margins to the predicted label's threshold
 
     def metrics(self, num_classes: int) -> torch.nn.Module:
         return DetectionMetrics()
 
     def _setup(self, trainer) -> None:
-        poisoner = trainer.datamodule.poisoner
-        label = self.target_of(trainer, self.protect_label, "protect_label")
+        """The RAP word's token id and the protected labels, checked."""
         tok = self.tokenizer(trainer)
+        n = trainer.datamodule.num_classes
+        if self.protect_label is not None and not self.protect_label < n:
+            raise ValueError(f"{self.name}: protect_label {self.protect_label} is not a class of the data (labels 0..{n - 1})")
         ids = tok(self.word, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
             raise ValueError(f"{self.name}: the RAP word {self.word!r} must be one sub-token; the tokenizer gives {ids}")
         # compared as token ids: ' cf', 'cf\u200b' or 'çf' are the trigger 'cf' once normalised
-        if ids[0] in trigger_token_ids(tok, poisoner_words(poisoner)):
-            raise ValueError(
-                f"{self.name}: the RAP word {self.word!r} is the token {tok.convert_ids_to_tokens(ids[0])!r}, part of a "
-                f"trigger of this run's poisoner {poisoner!r}; its embedding carries the backdoor. "
-                "Choose another rare word (default 'jj')."
-            )
         public = [a for a in PUBLIC_TRIGGERS if ids[0] in trigger_token_ids(tok, set(PUBLIC_TRIGGERS[a]))]
         if public and not self.allow_public_trigger:
             raise ValueError(
@@ -249,14 +261,23 @@ class RAP(Defense):
                 "in a downloaded checkpoint its embedding may carry a backdoor. Choose another rare word (default 'jj'), "
                 "or set allow_public_trigger: true if you know the checkpoint's history."
             )
-        self.label, self.word_id = label, ids[0]
+        self.labels = [self.protect_label] if self.protect_label is not None else list(range(n))
+        self.word_id = ids[0]
 
     def calibrate(self, trainer, pl_module) -> None:
         self._setup(trainer)
+        for label in list(self.labels):
+            self._calibrate_label(trainer, pl_module, label)
+        if not self.labels:
+            raise ValueError(f"{self.name}: the model predicts no held-out (dev) sample as its own label, so no label can "
+                             "be protected; check the model")
+
+    def _calibrate_label(self, trainer, pl_module, label: int) -> None:
+        """Construct the row of ``label`` and set its threshold."""
         model, tok, max_len = self.model(pl_module), self.tokenizer(trainer), self.max_length(trainer)
-        texts = [ex.text for ex in self.held_out(trainer) if ex.label == self.label]
+        texts = [ex.text for ex in self.held_out(trainer) if ex.label == label]
         if not texts:
-            raise ValueError(f"{self.name}: the held-out (dev) set has no sample of the protect label {self.label}")
+            raise ValueError(f"{self.name}: the held-out (dev) set has no sample of label {label} to construct its RAP row from")
         n, rank = world(trainer)
         # the same global batches on every rank, each rank encoding its slice of each; the
         # share-weighted row gradients are summed across ranks (= the single-process gradient)
@@ -277,53 +298,75 @@ class RAP(Defense):
         full = pl_module.model  # gradient steps: never the int8 copy
         weight = full.get_input_embeddings().weight
         original = weight.data[self.word_id].clone()
-        with progress(self.epochs * len(batches), f"{self.name}: constructing", trainer) as bar:
+        with progress(self.epochs * len(batches), f"{self.name}: constructing the row of label {label}", trainer) as bar:
             losses = construct_rap(
-                full, batches, self.word_id, self.label, self.epochs, self.lr, self.c_low, self.c_up, self.lam,
+                full, batches, self.word_id, label, self.epochs, self.lr, self.c_low, self.c_up, self.lam,
                 keep_norm=self.keep_norm, reduce_grad=total, progress=bar, accumulate_grad=self.update == "accumulate",
-                pad_id=tok.pad_token_id,
+                pad_id=tok.pad_token_id, stop_below=self.stop_below,
             )
-        self.row = weight.data[self.word_id].clone()
+        row = weight.data[self.word_id].clone()
         weight.data[self.word_id] = original  # the model stays as it was; the row is swapped in when defending
-        log.info("%s: construction loss per epoch %s", self.name, [round(x, 4) for x in losses])
+        log.info("%s: label %d, construction loss per epoch %s", self.name, label, [round(x, 4) for x in losses])
         # threshold from this rank's share of the held-out samples, gathered
         share = sorted(texts[rank::n], key=len)  # length-sorted batches: little padding (the order does not change a score)
         deltas, preds = [], []
-        with torch.no_grad(), swapped_row(model, self.word_id, self.row):
+        with torch.no_grad(), swapped_row(model, self.word_id, row):
             for s in range(0, len(share), self.batch_size):
                 ids, attn = encode_texts(tok, share[s : s + self.batch_size], max_len, pl_module.device)
-                d, p = rap_delta(model, ids, attn, self.word_id, self.label, pad_id=tok.pad_token_id)
+                d, p = rap_delta(model, ids, attn, self.word_id, label, pad_id=tok.pad_token_id)
                 deltas.append(d.cpu()), preds.append(p.argmax(-1).cpu())
         d, p = gather_cat(trainer, torch.cat(deltas)), gather_cat(trainer, torch.cat(preds))
-        kept = d[p == self.label]
+        kept = d[p == label]
+        if not len(kept) and self.protect_label is None:  # every label protected: leave this one out
+            log.warning("%s: the model predicts none of the %d held-out samples of label %d as %d; that label is not "
+                        "protected (its test samples are not checked)", self.name, len(d), label, label)
+            self.labels = [x for x in self.labels if x != label]
+            return
         if not len(kept):
             raise ValueError(
-                f"{self.name}: the model predicts none of the {len(d)} held-out (dev) samples of the protect label "
-                f"{self.label} as {self.label}, so there is no clean score to set the threshold from; "
-                "check protect_label and the model"
+                f"{self.name}: the model predicts none of the {len(d)} held-out (dev) samples of label {label} as {label}, "
+                "so there is no clean score to set its threshold from; check protect_label and the model"
             )
-        self.threshold = percentile_threshold(kept, self.frr)
-        self.calib_n = len(kept)
-        self.final_loss = losses[-1]
-        log.info("%s: threshold Δ < %.4f (%g%% of %d held-out samples of label %d)", self.name, self.threshold, self.frr, len(kept), self.label)
+        self.rows_by_label[label], self.thresholds[label] = row, percentile_threshold(kept, self.frr)
+        self.calib_by_label[label], self.losses[label], self.epochs_run[label] = len(kept), losses[-1], len(losses)
+        log.info("%s: label %d flagged when Δ < %.4f (%g%% of %d held-out samples)", self.name, label,
+                 self.thresholds[label], self.frr, len(kept))
 
     def defend(self, trainer, pl_module, batch, texts) -> None:
-        model = self.model(pl_module)
+        model, pad = self.model(pl_module), self.tokenizer(trainer).pad_token_id
         for s in range(0, len(texts), self.batch_size):
             ids, attn = batch["input_ids"][s : s + self.batch_size], batch["attention_mask"][s : s + self.batch_size]
-            with torch.no_grad(), swapped_row(model, self.word_id, self.row):
-                delta, probs = rap_delta(model, ids, attn, self.word_id, self.label, pad_id=self.tokenizer(trainer).pad_token_id)
+            with torch.no_grad():
+                probs = model(input_ids=ids, attention_mask=attn).logits.float().softmax(-1)
             pred = probs.argmax(-1)
-            checked = pred == self.label
-            flagged = checked & (delta < self.threshold)
+            delta = torch.zeros(len(ids), device=ids.device)
+            margin = torch.zeros(len(ids), device=ids.device)
+            checked = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+            for label in self.labels:
+                rows = pred == label
+                if not rows.any():
+                    continue
+                with torch.no_grad(), swapped_row(model, self.word_id, self.rows_by_label[label]):
+                    d, _ = rap_delta(model, ids[rows], attn[rows], self.word_id, label, probs=probs[rows], pad_id=pad)
+                delta[rows], margin[rows], checked[rows] = d, d - self.thresholds[label], True
+            flagged = checked & (margin < 0)
             poisoned = batch["poisoned"][s : s + self.batch_size].bool()
-            self.metric.update(flagged[checked], -delta[checked], poisoned[checked])
+            labels = batch["labels"][s : s + self.batch_size]
+            # measured on the clean samples checked and on the poisoned ones the attack flipped
+            scored = checked & (~poisoned | (pred == labels))
+            self.metric.update(flagged[scored], -margin[scored], poisoned[scored])
             for r in range(len(ids)):
                 self.rows.append({
                     "poisoned": int(poisoned[r]), "index": int(batch["index"][s + r]), "text": texts[s + r],
-                    "label": int(batch["labels"][s + r]), "pred": int(pred[r]), "checked": int(checked[r]),
-                    "delta": f"{float(delta[r]):.9g}", "flagged": int(flagged[r]),
+                    "label": int(labels[r]), "pred": int(pred[r]), "checked": int(checked[r]),
+                    "delta": f"{float(delta[r]):.9g}", "margin": f"{float(margin[r]):.9g}", "flagged": int(flagged[r]),
                 })
 
     def extra_results(self) -> dict[str, float]:
-        return {"threshold": self.threshold, "calib_samples": float(self.calib_n), "construct_loss": self.final_loss}
+        out = {"calib_samples": float(sum(self.calib_by_label.values())), "labels_protected": float(len(self.labels))}
+        for label in self.labels:
+            suffix = "" if self.protect_label is not None else f"_{label}"
+            out[f"threshold{suffix}"] = self.thresholds[label]
+            out[f"construct_loss{suffix}"] = self.losses[label]
+            out[f"construct_epochs{suffix}"] = float(self.epochs_run[label])
+        return out

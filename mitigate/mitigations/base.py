@@ -10,10 +10,11 @@ import logging
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mitigate.classifier import TextClassifier
-from mitigate.guard import CollapseError, collapse_reason
+from mitigate.guard import collapse_reason
 from mitigate.inference import clean_report
 from mitigate.loading import load_reference
 from mitigate.metrics import BackdoorMetrics
@@ -67,7 +68,11 @@ class Mitigation(TextClassifier):
       (a resumed run does not choose again) and written to results.json / results.md.
     - ``prepare()`` is the method's one-time work before training (scans, choices, weight
       transforms); it runs once, after the suspicious model's clean-dev report, and is skipped
-      when the run resumes.
+      when the run resumes. Under DDP it runs on rank 0 alone, on the global batches of one
+      process (``probe`` and ``clean_batches`` see them), and every process then takes its
+      report, state and weights: each decision is made once and is the same everywhere.
+      ``apply_choices()`` then runs on every process (and after a resume), to set what lives
+      outside the weights (e.g. optimizer learning rates).
     - ``reference_weights()``, ``dev_report()``, ``probe()`` and ``guard()`` serve them.
 
     Args:
@@ -124,16 +129,37 @@ class Mitigation(TextClassifier):
     # -- before training -------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         self.check_trainer()
-        if "suspicious_dev" in self.report:  # resumed: the choices are in the checkpoint
-            return
-        self.report["suspicious_dev"] = self.dev_report(self.suspicious)
-        self.prepare()
+        if "suspicious_dev" not in self.report:  # resumed: the choices are in the checkpoint
+            distributed = self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
+            if self.trainer.is_global_zero:
+                self.report["suspicious_dev"] = self.dev_report(self.suspicious)
+                self.prepare()
+            if distributed:
+                self._take_rank_zero_choices()
+        self.apply_choices()
+
+    def _take_rank_zero_choices(self) -> None:
+        """Rank 0's report, state and weights on every process."""
+        self.report, self.state = self.trainer.strategy.broadcast((self.report, self.state), src=0)
+        with torch.no_grad():
+            for tensor in self.state_dict().values():
+                dist.broadcast(tensor, src=0)
 
     def check_trainer(self) -> None:
         """Refuse trainer settings the method cannot run with (every start, resumes too)."""
 
     def prepare(self) -> None:
-        """The method's one-time work before training (choices on clean data, transforms)."""
+        """The method's one-time work before training (choices on clean data, transforms); rank 0
+        only under DDP."""
+
+    def apply_choices(self) -> None:
+        """Set what the choices decide outside the weights, on every process (after ``prepare``,
+        or from the restored report when the run resumes)."""
+
+    def clean_batches(self) -> list[dict]:
+        """The defender's clean training data in batches: the global batches of one process
+        (the training's own order)."""
+        return list(self.trainer.datamodule.train_dataloader(one_process=True))
 
     # -- services --------------------------------------------------------------------------------
     def reference_weights(self) -> dict[str, torch.Tensor]:
@@ -158,15 +184,18 @@ class Mitigation(TextClassifier):
         return None if drop is None else self.report["suspicious_dev"]["cacc"] - drop
 
     def guard(self, name: str, model: nn.Module) -> dict:
-        """Clean-dev report of ``model``; a CollapseError (nothing is exported) when it predicts
-        one class for ``max_class_share`` of dev or falls below ``min_cacc``."""
+        """Clean-dev report of ``model``. When it predicts one class for ``max_class_share`` of
+        dev or falls below ``min_cacc``, the collapse is recorded in the report
+        (``report["collapse"]``), training stops, and the export refuses the model; the test
+        still runs, so the numbers of the failed cleaning are kept."""
         report = self.dev_report(model)
         reason = collapse_reason(report, self.hparams.max_class_share, self.min_cacc)
         if reason:
-            raise CollapseError(
-                f"collapse guard: {name} is not a usable cleaning: {reason} (suspicious model: dev CACC "
-                f"{self.report['suspicious_dev']['cacc']:.2f}); nothing is exported. {self.guard_hint[0].upper()}{self.guard_hint[1:]}"
-            )
+            message = (f"{name} is not a usable cleaning: {reason} (suspicious model: dev CACC "
+                       f"{self.report['suspicious_dev']['cacc']:.2f}). {self.guard_hint[0].upper()}{self.guard_hint[1:]}")
+            self.report.setdefault("collapse", []).append({"model": name, "message": message, **report})
+            log.error("collapse guard: %s", message)
+            self.trainer.should_stop = True
         return report
 
     def probe(self, model: nn.Module, *, lr: float | None = None, epochs: int = 1, max_steps: int | None = None,
@@ -177,7 +206,7 @@ class Mitigation(TextClassifier):
         short run that judges a candidate setting (``mitigate.training.fine_tune``)."""
         hp = self.hparams
         return fine_tune(
-            model, self.trainer.datamodule.train_dataloader(), lr=hp.lr if lr is None else lr, weight_decay=hp.weight_decay,
+            model, self.trainer.datamodule.train_dataloader(one_process=True), lr=hp.lr if lr is None else lr, weight_decay=hp.weight_decay,
             epochs=epochs, max_steps=max_steps, schedule=schedule or hp.schedule, warmup_ratio=hp.warmup_ratio, seed=seed,
             prepare=prepare, after_step=after_step, device=self.device, progress=progress,
             show_progress=self.trainer.is_global_zero,

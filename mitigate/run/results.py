@@ -66,7 +66,11 @@ def write_results(
     d.mkdir(parents=True, exist_ok=True)
     payload = {**results, "report": report} if report else results
     (d / "results.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    lines = [f"# {title}", "", *results_table(results, row_names), "", "Rates (CACC, ASR, ...) in %."]
+    lines = [f"# {title}", ""]
+    refused = (report or {}).get("export")
+    if refused and not refused.get("exported", True):
+        lines += [f"**Not exported**: {refused['reason']}. The numbers below are those of the model as trained.", ""]
+    lines += [*results_table(results, row_names), "", "Rates (CACC, ASR, ...) in %."]
     if figures:
         lines += ["", "## Figures", "", *[f"![{Path(f).stem}]({f})" for f in figures]]
     if report:

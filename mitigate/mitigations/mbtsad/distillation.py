@@ -25,22 +25,29 @@ def attention_map(attention: torch.Tensor, mask: torch.Tensor, p: float = 2.0) -
 
 
 def attention_transfer_loss(
-    teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], mask: torch.Tensor, p: float = 2.0
+    teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], mask: torch.Tensor, p: float = 2.0,
+    samples: float | None = None,
 ) -> torch.Tensor:
-    """L_at = sum over the given layers of mean over the batch of ||Q_T - Q_S||_2."""
+    """L_at = sum over the given layers of mean over the batch of ||Q_T - Q_S||_2. ``samples``:
+    divide the batch's sum by this instead of its size (under DDP, the global batch's size over
+    the number of processes, so that the processes' average is the global mean)."""
     total = teacher[0].new_zeros(())
     for a_t, a_s in zip(teacher, student, strict=True):
         diff = attention_map(a_t, mask, p) - attention_map(a_s, mask, p)
         # sqrt(sum sq + tiny): the norm's gradient stays finite when the maps coincide
-        total = total + (diff.pow(2).sum(dim=1) + 1e-12).sqrt().mean()
+        norms = (diff.pow(2).sum(dim=1) + 1e-12).sqrt()
+        total = total + (norms.mean() if samples is None else norms.sum() / samples)
     return total
 
 
-def hidden_state_loss(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+def hidden_state_loss(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], mask: torch.Tensor,
+                      tokens: float | None = None) -> torch.Tensor:
     """L_hid = sum over the given layers of the MSE between teacher and student hidden states,
-    averaged over the real (non-padding) token positions of the batch and the hidden units."""
+    averaged over the real (non-padding) token positions of the batch and the hidden units.
+    ``tokens``: the number of real tokens to average over instead of the batch's own (under
+    DDP, the global batch's over the number of processes)."""
     m = mask.to(teacher[0].dtype).unsqueeze(-1)
-    count = m.sum() * teacher[0].shape[-1]
+    count = (m.sum() if tokens is None else tokens) * teacher[0].shape[-1]
     total = teacher[0].new_zeros(())
     for h_t, h_s in zip(teacher, student, strict=True):
         total = total + ((h_t - h_s).pow(2) * m).sum() / count
@@ -100,9 +107,12 @@ class DistillationLoss(nn.Module):
             raise IndexError(f"{what} layers {bad} outside 0..{len(states) - 1}")
         return [states[i] for i in layers]
 
-    def forward(self, teacher_out, student_out, labels: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, teacher_out, student_out, labels: torch.Tensor, mask: torch.Tensor,
+                samples: float | None = None, tokens: float | None = None) -> dict[str, torch.Tensor]:
         """``teacher_out`` / ``student_out``: HF model outputs with ``logits`` and, as needed,
-        ``attentions`` and ``hidden_states``. Returns every term and their weighted sum ``loss``."""
+        ``attentions`` and ``hidden_states``; ``samples``, ``tokens``: the normalisers of the
+        attention and hidden-state terms (see their functions; None: this batch's own). Returns
+        every term and their weighted sum ``loss``."""
         ce = F.cross_entropy(student_out.logits, labels)
         zero = ce.new_zeros(())
         at = hid = zero
@@ -110,12 +120,12 @@ class DistillationLoss(nn.Module):
             at = attention_transfer_loss(
                 self._pick(teacher_out.attentions, self.att_layers, "attention"),
                 self._pick(student_out.attentions, self.att_layers, "attention"),
-                mask, self.p,
+                mask, self.p, samples,
             )
         if self.needs_hidden_states:
             hid = hidden_state_loss(
                 self._pick(teacher_out.hidden_states, self.hid_layers, "hidden-state"),
                 self._pick(student_out.hidden_states, self.hid_layers, "hidden-state"),
-                mask,
+                mask, tokens,
             )
         return {"loss": self.alpha * at + self.beta * hid + ce, "at": at, "hid": hid, "ce": ce}

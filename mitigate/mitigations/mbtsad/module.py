@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mitigate.guard import CollapseError, collapse_reason
@@ -164,6 +165,9 @@ class MBTSAD(Mitigation):
         rates = self.hparams.tsft_lr
         if isinstance(rates, (list, tuple)) and self.hparams.tsft_epochs > 0:
             self._choose_tsft_lr(sorted(rates, reverse=True))
+
+    def apply_choices(self) -> None:
+        # on a resume Lightning restores the optimizers' saved state after this, over these values
         self._set_learning_rates()
 
     # -- choices made on clean data --------------------------------------------------------
@@ -175,7 +179,7 @@ class MBTSAD(Mitigation):
         hp = self.hparams
         tried = []
         bound = self.report["suspicious_dev"]["cacc"] - hp.probe_cacc_drop
-        steps = max(1, math.ceil(hp.probe_fraction * len(self.trainer.datamodule.train_dataloader())))
+        steps = max(1, math.ceil(hp.probe_fraction * len(self.trainer.datamodule.train_dataloader(one_process=True))))
         prepare = self._unlearning_step if self.scan is not None and hp.unlearn_tsft else None
         for lr in candidates:
             start = time.perf_counter()
@@ -237,7 +241,7 @@ class MBTSAD(Mitigation):
             return TransformContext(
                 model=model, reference=reference, suspicious_dev_cacc=self.report["suspicious_dev"]["cacc"],
                 dev_report=self.dev_report, probe=lambda m, epochs: self.probe(m, epochs=epochs),
-                clean_batches=lambda: list(dm.train_dataloader()), clean_texts=[ex.text for ex in dm.clean_subset],
+                clean_batches=self.clean_batches, clean_texts=[ex.text for ex in dm.clean_subset],
                 tokenizer=dm.tokenizer, max_length=dm.hparams.max_length,
             )
 
@@ -297,7 +301,8 @@ class MBTSAD(Mitigation):
         unlearn = self.scan is not None and (not self.in_tsft or self.hparams.unlearn_tsft)
         if unlearn:  # suspects inserted into some rows, labels unchanged
             pad = self.trainer.datamodule.tokenizer.pad_token_id
-            batch, rows = self.scan.unlearning_batch(batch, self._suspect_ids(), self.global_step, pad)
+            batch, rows = self.scan.unlearning_batch(batch, self._suspect_ids(), self.global_step, pad,
+                                                     rank=self.global_rank, world=self.trainer.world_size)
         else:
             rows = torch.zeros(n, dtype=torch.bool, device=batch["labels"].device)
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
@@ -310,6 +315,7 @@ class MBTSAD(Mitigation):
             # and hidden states on them may still carry the backdoor
             keep, lf = ~rows, self.distillation_loss
             at = hid = ce_k = ce_u = torch.zeros((), device=ids.device)
+            samples, tokens = self._global_normalisers(mask[keep])  # every process, before any skips
             if keep.any():
                 width = int(mask[keep].sum(1).max())  # the inserted rows' extra columns are not needed
                 k_ids, k_mask = ids[keep, :width], mask[keep, :width]
@@ -317,7 +323,7 @@ class MBTSAD(Mitigation):
                           output_attentions=lf.needs_attentions, output_hidden_states=lf.needs_hidden_states)
                 with torch.no_grad():
                     t_out = self.teacher(**kw)
-                terms = lf(t_out, self.model(**kw), labels[keep], k_mask)
+                terms = lf(t_out, self.model(**kw), labels[keep], k_mask, samples, tokens)
                 at, hid, ce_k = terms["at"], terms["hid"], terms["ce"]
             if rows.any():
                 ce_u = self.model(input_ids=ids[rows], attention_mask=mask[rows], labels=labels[rows]).loss
@@ -332,6 +338,17 @@ class MBTSAD(Mitigation):
         opt.step()
         sched.step()
         return loss
+
+    def _global_normalisers(self, mask: torch.Tensor) -> tuple[float | None, float | None]:
+        """Under DDP, the global batch's distilled samples and real tokens over the number of
+        processes: the processes' averaged gradient is then that of one process on the global
+        batch, however the inserted rows split between processes. (None, None) on one process."""
+        world = self.trainer.world_size
+        if world == 1 or not dist.is_available() or not dist.is_initialized():
+            return None, None
+        counts = torch.tensor([float(len(mask)), float(mask.sum())], dtype=torch.float64, device=mask.device)
+        dist.all_reduce(counts)
+        return float(counts[0]) / world, float(counts[1]) / world
 
     # -- evaluation -----------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:

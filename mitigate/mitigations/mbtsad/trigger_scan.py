@@ -209,19 +209,6 @@ def scan_vocabulary(
         model.train(was_training)
 
 
-def insert_tokens(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, phrases: Sequence[Sequence[int] | None],
-    generator: torch.Generator, pad_id: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A copy of a right-padded batch in which each row r with a phrase (a list of token ids;
-    None: left alone) gets it inserted at a random position between its first and last token
-    (after [CLS], before [SEP]); the batch grows by the longest phrase."""
-    draws = torch.rand(len(input_ids), generator=generator)
-    lengths = attention_mask.sum(1)
-    positions = 1 + (draws * (lengths - 1).clamp(min=1).to(draws.dtype)).long()  # 1 .. k-1
-    return insert_ids(input_ids, attention_mask, phrases, positions, pad_id)
-
-
 @dataclass
 class TriggerScan:
     """The trigger scan's settings, and the scan itself (MBTSAD's defender-side step, not in the
@@ -292,16 +279,23 @@ class TriggerScan:
             [e.text for e in support], [e.label for e in support], settings=self,
         )
 
-    def unlearning_batch(self, batch: dict, suspects: Sequence[Sequence[int]], step: int, pad_id: int) -> tuple[dict, torch.Tensor]:
+    def unlearning_batch(self, batch: dict, suspects: Sequence[Sequence[int]], step: int, pad_id: int,
+                         rank: int = 0, world: int = 1) -> tuple[dict, torch.Tensor]:
         """``batch`` with a suspect (token ids) inserted into a seeded ``unlearn_rate`` share of its
-        rows, and which rows (a bool tensor)."""
+        rows, and which rows (a bool tensor). Under DDP (``world`` processes, this one ``rank``)
+        the draws are those of the global batch of one process, whose rows ``rank``,
+        ``rank + world``, ... this process holds: N processes insert what one process would."""
         n = len(batch["labels"])
         device = batch["input_ids"].device
         if not suspects or self.unlearn_rate == 0.0:
             return batch, torch.zeros(n, dtype=torch.bool, device=device)
         g = torch.Generator().manual_seed(self.seed * SEED_STRIDE + step)
-        rows = torch.rand(n, generator=g) < self.unlearn_rate
-        picks = torch.randint(len(suspects), (n,), generator=g).tolist()
+        total = n * world
+        rows = (torch.rand(total, generator=g) < self.unlearn_rate)[rank::world]
+        picks = torch.randint(len(suspects), (total,), generator=g)[rank::world].tolist()
+        draws = torch.rand(total, generator=g)[rank::world]
         phrases = [list(suspects[k]) if r else None for r, k in zip(rows.tolist(), picks)]
-        ids, mask = insert_tokens(batch["input_ids"].cpu(), batch["attention_mask"].cpu(), phrases, g, pad_id)
+        mask = batch["attention_mask"].cpu()
+        positions = 1 + (draws * (mask.sum(1) - 1).clamp(min=1).to(draws.dtype)).long()  # after [CLS], before [SEP]
+        ids, mask = insert_ids(batch["input_ids"].cpu(), mask, phrases, positions, pad_id)
         return {**batch, "input_ids": ids.to(device), "attention_mask": mask.to(device)}, rows.to(device)

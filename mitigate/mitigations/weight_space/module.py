@@ -68,7 +68,7 @@ class WeightSpaceMitigation(Mitigation):
             suspicious_dev_cacc=self.report["suspicious_dev"]["cacc"],
             dev_report=self.dev_report,
             probe=lambda model, epochs: self.probe(model, epochs=epochs, after_step=self._after_step),
-            clean_batches=lambda: list(dm.train_dataloader()),
+            clean_batches=self.clean_batches,
             clean_texts=[ex.text for ex in dm.clean_subset],
             tokenizer=dm.tokenizer,
             max_length=dm.hparams.max_length,
