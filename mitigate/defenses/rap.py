@@ -74,7 +74,7 @@ def construct_rap(
     progress=None,
     accumulate_grad: bool = False,
     pad_id: int = 0,
-    stop_below: float | None = None,
+    state: dict | None = None,
 ) -> list[float]:
     """Train the RAP word's input-embedding row, in place, on clean samples of the protect
     label: ``batches`` of (input_ids, attention_mask, share), iterated ``epochs`` times, where
@@ -87,15 +87,15 @@ def construct_rap(
     ``accumulate_grad``: the reference code's rule, which never zeroes the gradient: each step
     moves the row by lr times the SUM of every row gradient so far (a momentum without decay);
     False: plain SGD, lr times this step's gradient.
-    ``stop_below``: end the construction after the first epoch whose mean loss over the clean
-    samples (of every rank) is at most this; ``epochs`` is then the most it may take.
-    Returns the mean loss of each epoch run."""
+    ``state``: a dict that carries the running gradient sum from one call to the next (a
+    construction run in several calls then equals one call).
+    Returns the mean loss of each epoch, over the clean samples of every rank."""
     was_training = model.training
     model.eval()  # no dropout: Δ is measured in eval mode too
     losses = []
     with torch.inference_mode(False), torch.enable_grad(), embeddings_only(model) as weight:
         norm = weight[word_id].detach().norm()
-        running = torch.zeros_like(weight[word_id])
+        running = state.get("running") if state is not None and "running" in state else torch.zeros_like(weight[word_id])
         for _ in range(epochs):
             total, n = 0.0, 0
             for ids, attn, share in batches:
@@ -125,8 +125,8 @@ def construct_rap(
             if reduce_grad is not None:
                 stats = reduce_grad(stats)
             losses.append(float(stats[0] / stats[1].clamp(min=1)))
-            if stop_below is not None and losses[-1] <= stop_below:
-                break  # converged on the clean samples: every process sees the same mean
+        if state is not None:
+            state["running"] = running
     model.train(was_training)
     return losses
 
@@ -177,10 +177,14 @@ class RAP(Defense):
         frr: allowed false-rejection rate in % (threshold percentile; 0.5, 1, 3, 5).
         lr: learning rate of the row's construction (the paper: 1e-2).
         epochs: passes over the held-out samples of a label during its construction (the paper: 5);
-            the most, with ``stop_below``.
-        stop_below: end a label's construction once an epoch's mean loss on its clean held-out
-            samples is at most this (null: always ``epochs``): how long to construct, read from
-            clean data.
+            the most, with ``select_every``.
+        select_every: every this many epochs, measure the row on the label's clean held-out
+            samples: the threshold it would set (the ``frr``-th percentile of their drop); keep
+            the row with the highest, which separates clean inputs furthest from poisoned ones
+            (whose drop RAP expects near 0). How long to construct is then read from clean data.
+            Null: the row after ``epochs`` (the paper).
+        patience: with ``select_every``, stop after this many measurements without a higher
+            threshold.
         construct_batch_size: samples per construction step.
         c_low: the least drop of the protected label's probability a clean input should show.
         c_up: the most drop (the paper: 0.05 / 0.2 for clean-fine-tuned models).
@@ -209,7 +213,8 @@ class RAP(Defense):
         lam: float = 1.0,
         keep_norm: bool = True,
         update: Literal["sgd", "accumulate"] = "sgd",
-        stop_below: float | None = None,
+        select_every: int | None = None,
+        patience: int = 2,
         allow_public_trigger: bool = False,
         name: str = "rap",
         batch_size: int = 64,
@@ -217,6 +222,7 @@ class RAP(Defense):
         seed: int = 42,
         write_csv: bool = True,
         precision: Literal["full", "bf16", "int8"] = "full",
+        calib_samples: int | None = None,
     ) -> None:
         if not 0 < frr < 100:
             raise ValueError(f"frr is a percentage in (0, 100), got {frr}")
@@ -224,7 +230,7 @@ class RAP(Defense):
             raise ValueError(f"need 0 <= c_low < c_up, got c_low={c_low}, c_up={c_up}")
         if protect_label is not None and protect_label < 0:
             raise ValueError(f"protect_label must be a class (>= 0) or null (every label), got {protect_label}")
-        super().__init__(name, batch_size, max_samples, seed, write_csv, precision)
+        super().__init__(name, batch_size, max_samples, seed, write_csv, precision, calib_samples)
         self.word, self.protect_label, self.frr = word, protect_label, frr
         self.lr, self.epochs, self.construct_batch_size = lr, epochs, construct_batch_size
         self.c_low, self.c_up, self.lam, self.keep_norm = c_low, c_up, lam, keep_norm
@@ -232,13 +238,16 @@ class RAP(Defense):
         if update not in ("sgd", "accumulate"):
             raise ValueError(f"update must be 'sgd' or 'accumulate', got {update!r}")
         self.update = update
-        self.stop_below = stop_below
+        if select_every is not None and not (1 <= select_every <= epochs and patience >= 1):
+            raise ValueError(f"select_every must be in 1..epochs and patience >= 1, got {select_every}, {patience}")
+        self.select_every, self.patience = select_every, patience
         #: per protected label: the trained row, the threshold, the held-out samples it came from, the last construction loss
         self.rows_by_label: dict[int, torch.Tensor] = {}
         self.thresholds: dict[int, float] = {}
         self.calib_by_label: dict[int, int] = {}
         self.losses: dict[int, float] = {}
         self.epochs_run: dict[int, int] = {}
+        self.checks: dict[int, list] = {}
         self.threshold = 0.0  # the plot's line: scores are margins to the predicted label's threshold
 
     def metrics(self, num_classes: int) -> torch.nn.Module:
@@ -298,37 +307,58 @@ class RAP(Defense):
         full = pl_module.model  # gradient steps: never the int8 copy
         weight = full.get_input_embeddings().weight
         original = weight.data[self.word_id].clone()
-        with progress(self.epochs * len(batches), f"{self.name}: constructing the row of label {label}", trainer) as bar:
-            losses = construct_rap(
-                full, batches, self.word_id, label, self.epochs, self.lr, self.c_low, self.c_up, self.lam,
-                keep_norm=self.keep_norm, reduce_grad=total, progress=bar, accumulate_grad=self.update == "accumulate",
-                pad_id=tok.pad_token_id, stop_below=self.stop_below,
-            )
-        row = weight.data[self.word_id].clone()
-        weight.data[self.word_id] = original  # the model stays as it was; the row is swapped in when defending
-        log.info("%s: label %d, construction loss per epoch %s", self.name, label, [round(x, 4) for x in losses])
-        # threshold from this rank's share of the held-out samples, gathered
         share = sorted(texts[rank::n], key=len)  # length-sorted batches: little padding (the order does not change a score)
-        deltas, preds = [], []
-        with torch.no_grad(), swapped_row(model, self.word_id, row):
-            for s in range(0, len(share), self.batch_size):
-                ids, attn = encode_texts(tok, share[s : s + self.batch_size], max_len, pl_module.device)
-                d, p = rap_delta(model, ids, attn, self.word_id, label, pad_id=tok.pad_token_id)
-                deltas.append(d.cpu()), preds.append(p.argmax(-1).cpu())
-        d, p = gather_cat(trainer, torch.cat(deltas)), gather_cat(trainer, torch.cat(preds))
-        kept = d[p == label]
+
+        def clean_scores(row: torch.Tensor) -> torch.Tensor:
+            """Δ of the label's held-out samples the model predicts as it (every rank's), with ``row``."""
+            deltas, preds = [], []
+            with torch.no_grad(), swapped_row(model, self.word_id, row):
+                for s in range(0, len(share), self.batch_size):
+                    ids, attn = encode_texts(tok, share[s : s + self.batch_size], max_len, pl_module.device)
+                    d, p = rap_delta(model, ids, attn, self.word_id, label, pad_id=tok.pad_token_id)
+                    deltas.append(d.cpu()), preds.append(p.argmax(-1).cpu())
+            d, p = gather_cat(trainer, torch.cat(deltas)), gather_cat(trainer, torch.cat(preds))
+            return d[p == label]
+
+        step = self.select_every or self.epochs
+        losses, checks, carry = [], [], {}
+        best = (float("-inf"), None, 0, -1)  # threshold, row, epochs, index in checks
+        with progress(self.epochs * len(batches), f"{self.name}: constructing the row of label {label}", trainer) as bar:
+            while len(losses) < self.epochs:
+                losses += construct_rap(
+                    full, batches, self.word_id, label, min(step, self.epochs - len(losses)), self.lr, self.c_low, self.c_up,
+                    self.lam, keep_norm=self.keep_norm, reduce_grad=total, progress=bar,
+                    accumulate_grad=self.update == "accumulate", pad_id=tok.pad_token_id, state=carry,
+                )
+                if self.select_every is None:
+                    continue
+                kept = clean_scores(weight.data[self.word_id].clone())
+                threshold = percentile_threshold(kept, self.frr) if len(kept) else float("-inf")
+                checks.append({"epochs": len(losses), "threshold": threshold, "loss": losses[-1]})
+                if threshold > best[0]:
+                    best = (threshold, weight.data[self.word_id].clone(), len(losses), len(checks) - 1)
+                elif len(checks) - 1 - best[3] >= self.patience:  # this many measurements without a higher one
+                    break
+        row = weight.data[self.word_id].clone() if best[1] is None else best[1]
+        weight.data[self.word_id] = original  # the model stays as it was; the row is swapped in when defending
+        log.info("%s: label %d, construction loss per epoch %s%s", self.name, label, [round(x, 4) for x in losses],
+                 f"; thresholds {[(c['epochs'], round(c['threshold'], 4)) for c in checks]}, kept the row of epoch {best[2]}"
+                 if checks else "")
+        self.checks[label] = checks
+        kept = clean_scores(row)
         if not len(kept) and self.protect_label is None:  # every label protected: leave this one out
-            log.warning("%s: the model predicts none of the %d held-out samples of label %d as %d; that label is not "
-                        "protected (its test samples are not checked)", self.name, len(d), label, label)
+            log.warning("%s: the model predicts none of the held-out samples of label %d as %d; that label is not "
+                        "protected (its test samples are not checked)", self.name, label, label)
             self.labels = [x for x in self.labels if x != label]
             return
         if not len(kept):
             raise ValueError(
-                f"{self.name}: the model predicts none of the {len(d)} held-out (dev) samples of label {label} as {label}, "
+                f"{self.name}: the model predicts none of the held-out (dev) samples of label {label} as {label}, "
                 "so there is no clean score to set its threshold from; check protect_label and the model"
             )
         self.rows_by_label[label], self.thresholds[label] = row, percentile_threshold(kept, self.frr)
-        self.calib_by_label[label], self.losses[label], self.epochs_run[label] = len(kept), losses[-1], len(losses)
+        self.calib_by_label[label], self.losses[label] = len(kept), losses[-1]
+        self.epochs_run[label] = best[2] if best[1] is not None else len(losses)
         log.info("%s: label %d flagged when Δ < %.4f (%g%% of %d held-out samples)", self.name, label,
                  self.thresholds[label], self.frr, len(kept))
 
