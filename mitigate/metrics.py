@@ -8,29 +8,69 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
 
 
+class TargetShare(Metric):
+    """The model's own ASR floor: the share of the clean test samples whose label is not the
+    attacker's target that the model already predicts as the target, that is, the ASR the
+    poisoned test set would show without its trigger (it holds exactly these samples, each with
+    the trigger inserted). The target is read off the poisoned samples' labels (a poisoned
+    evaluation sample carries the target as its label). Counts are synced across ranks."""
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.add_state("counts", torch.zeros(num_classes, num_classes, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("target", torch.tensor(-1, dtype=torch.long), dist_reduce_fx="max")
+
+    def update(self, preds: torch.Tensor, labels: torch.Tensor, poisoned: torch.Tensor) -> None:
+        """Count (label, prediction) of the clean samples; note the target from the poisoned ones."""
+        clean = ~poisoned
+        idx = labels[clean] * self.num_classes + preds[clean]
+        self.counts += torch.bincount(idx, minlength=self.num_classes**2).view(self.num_classes, self.num_classes).double()
+        if poisoned.any():
+            self.target = torch.maximum(self.target, labels[poisoned].max())
+
+    def compute(self) -> torch.Tensor:
+        """The share (nan without a poisoned sample or a non-target clean one)."""
+        t = int(self.target)
+        if t < 0:
+            return torch.tensor(float("nan"), dtype=torch.float64)
+        others = [y for y in range(self.num_classes) if y != t]
+        total = self.counts[others].sum()
+        return self.counts[others, t].sum() / total if total > 0 else torch.tensor(float("nan"), dtype=torch.float64)
+
+
 class BackdoorMetrics(torch.nn.Module):
     """CACC = accuracy on clean samples; ASR = share of poisoned samples predicted as the
-    target label. Poisoned evaluation samples carry the target as their label, so ASR is the
-    accuracy on them. Samples are routed by the batch's ``poisoned`` flag."""
+    target label (poisoned evaluation samples carry the target as their label, so ASR is the
+    accuracy on them); ``floor`` = the model's own ASR floor (``TargetShare``). Samples are
+    routed by the batch's ``poisoned`` flag."""
 
     def __init__(self, num_classes: int, prefix: str) -> None:
         super().__init__()
         acc = lambda: MulticlassAccuracy(num_classes=num_classes, average="micro")  # noqa: E731
         self.cacc = MetricCollection({"cacc": acc()}, prefix=prefix)
         self.asr = MetricCollection({"asr": acc()}, prefix=prefix)
+        self.floor = MetricCollection({"floor": TargetShare(num_classes)}, prefix=prefix)
 
     def update(self, preds: torch.Tensor, labels: torch.Tensor, poisoned: torch.Tensor) -> None:
-        """Route each prediction to CACC (clean) or ASR (poisoned)."""
+        """Route each prediction to CACC (clean) or ASR (poisoned), and count the floor."""
         clean = ~poisoned
         if clean.any():
             self.cacc.update(preds[clean], labels[clean])
         if poisoned.any():
             self.asr.update(preds[poisoned], labels[poisoned])
+        self.floor.update(preds, labels, poisoned)
 
     def loggable(self) -> dict:
-        """The metric objects that saw data, for ``LightningModule.log_dict``."""
-        return {**(dict(self.cacc.items()) if self.cacc["cacc"].update_called else {}),
-                **(dict(self.asr.items()) if self.asr["asr"].update_called else {})}
+        """The metric objects that saw data, for ``LightningModule.log_dict`` (the floor once a
+        poisoned sample told the target)."""
+        out = dict(self.cacc.items()) if self.cacc["cacc"].update_called else {}
+        if self.asr["asr"].update_called:
+            out.update(self.asr.items())
+            out.update(self.floor.items())
+        return out
 
 
 class Rate(Metric):

@@ -77,6 +77,7 @@ def fine_tune(
     weight_decay: float = 0.0,
     epochs: int = 1,
     max_steps: int | None = None,
+    batches_per_epoch: int | None = None,
     schedule: str = "constant",
     warmup_ratio: float = 0.0,
     seed: int = SEED_STRIDE,
@@ -89,8 +90,9 @@ def fine_tune(
     """Cross-entropy fine-tuning of ``model`` in place, outside the trainer: the short runs that
     judge a candidate setting on clean data before the real training starts.
 
-    ``batches`` is iterated once per epoch (a data loader: the same order every epoch), for
-    ``epochs`` epochs or ``max_steps`` optimizer steps in all, whichever comes first. AdamW at
+    ``batches`` is iterated once per epoch (a data loader: the same order every epoch), its
+    first ``batches_per_epoch`` batches only when given (the trainer's ``limit_train_batches``),
+    for ``epochs`` epochs or ``max_steps`` optimizer steps in all, whichever comes first. AdamW at
     ``lr``; ``schedule`` ``linear`` decays it to 0 over the run's steps after ``warmup_ratio``
     warm-up (as ``LinearDecay``), ``constant`` keeps it. Dropout masks are seeded by
     ``seed + step``. ``prepare(batch, step)`` may rewrite each batch (already on ``device``)
@@ -99,6 +101,8 @@ def fine_tune(
     model.train().requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     per_epoch = len(batches) if hasattr(batches, "__len__") else None
+    if batches_per_epoch is not None:
+        per_epoch = batches_per_epoch if per_epoch is None else min(per_epoch, batches_per_epoch)
     total = epochs * per_epoch if per_epoch is not None else max_steps
     if max_steps is not None:
         total = min(total, max_steps) if total is not None else max_steps
@@ -111,7 +115,8 @@ def fine_tune(
     bar = LogProgress(total or 0, progress, enabled=show_progress)
     step = 0
     for _ in range(epochs):
-        for batch in batches if max_steps is None else itertools.islice(batches, max(0, max_steps - step)):
+        take = per_epoch if max_steps is None or per_epoch is None else min(per_epoch, max(0, max_steps - step))
+        for batch in batches if take is None else itertools.islice(batches, take):
             torch.manual_seed(seed + step)
             batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             if prepare is not None:

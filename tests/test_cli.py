@@ -31,12 +31,13 @@ def fit_args(model_dir, data_dir, root, *extra):
 
 def test_fit_writes_results_checkpoints_config_and_export(tmp_path, tiny_bert, sst2_small):
     root = tmp_path / "run"
-    main(fit_args(tiny_bert, sst2_small, root))
+    main(fit_args(tiny_bert, sst2_small, root, "--checkpoint.keep", "last"))
     results = json.loads((root / "results.json").read_text())
     assert set(results) >= {"test/cacc", "test/asr"}
     assert all(0.0 <= results[k] <= 1.0 for k in ("test/cacc", "test/asr"))
     table = (root / "results.md").read_text()
-    assert "| model | cacc | asr |" in table and f"| model | {100 * results['test/cacc']:.2f} |" in table
+    assert "| model | cacc | asr | floor |" in table and f"| victim | {100 * results['test/cacc']:.2f} |" in table
+    assert "Tested on 64 clean + " in table and "partial" not in table
     # last.ckpt is the final state (2 epochs of 8 steps), though the step checkpoints (every
     # 50 steps by default) never fired
     import torch
@@ -167,3 +168,77 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, tiny_bert, sst2_
     lines = [line for line in proc.stderr.splitlines() if "mitigate.progress" in line]
     assert any("train: epoch 1/2, step 1/16" in line and "samples/s" in line and "left" in line for line in lines), lines[:3]
     assert any(line.split("progress: ")[1].startswith("end of epoch 2/2, step 16/16 (100%)") for line in lines), lines[-3:]
+
+
+def test_the_command_says_what_it_is_and_lists_what_it_has(capsys):
+    main([])
+    out = capsys.readouterr().out
+    assert out.startswith("mitigate: remove backdoors") and "subcommands:" in out and "scripts/smoke.sh" in out
+    main(["list"])
+    out = capsys.readouterr().out
+    for name in ("recipes/mbtsad_sst2.yaml", "MBTSAD", "WeightSpaceMitigation", "BadNet", "EmbeddingPoisoning", "RAP", "ONION",
+                 "TriggerEffectiveness", "TextClassifier"):
+        assert name in out, name
+    main(["list", "defenses"])
+    out = capsys.readouterr().out
+    assert out.startswith("defenses:") and "STRIP" in out and "MBTSAD" not in out
+    with pytest.raises(SystemExit) as e:
+        main(["list", "defences"])
+    assert e.value.code == 2 and "did you mean defenses?" in capsys.readouterr().err
+
+
+def test_short_class_names_work_where_a_class_path_does(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--model.help", "MBTSAD"])
+    assert e.value.code == 0 and "tsft_lr" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(REPO / "recipes" / "badnet_sst2.yaml"), "--model", "WeightSpaceMitigation",
+              "--data.poisoner", "InsertSent", "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["class_path"] == "mitigate.mitigations.WeightSpaceMitigation"
+    assert config["data"]["init_args"]["poisoner"]["class_path"] == "mitigate.attacks.InsertSent"
+
+
+def test_fit_help_is_short_and_keeps_every_mitigate_option(capsys):
+    main(["fit", "--help"])
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) < 150
+    for option in ("--config", "--print_config", "--overwrite", "--test_after_fit", "--wandb_project", "--ckpt_path",
+                   "--weights_only", "--model ", "--model.help", "--data ", "--data.help", "--checkpoint.keep",
+                   "--checkpoint.every_n_train_steps", "--export.max_class_share", "--progress_log.every_s",
+                   "--progress_log.always", "--trainer.max_epochs", "--trainer.default_root_dir", "--help-all"):
+        assert option in out, option
+
+
+@pytest.mark.parametrize("args, expected, code", [
+    (["--trainer.max_epoch", "3"], "unrecognized arguments: --trainer.max_epoch 3 (did you mean: --trainer.max_epoch -> --trainer.max_epochs?)", 2),
+    (["--trainer.max_epochs", "-1"], "--trainer.max_epochs -1: a run without end", 2),
+    (["--data.init_args.path", "sst-2"], "not a registered name (sst2, olid, ag_news); did you mean sst2?", 1),
+])
+def test_usage_errors_are_one_line_with_the_fix_and_no_traceback(tmp_path, tiny_bert, capsys, args, expected, code):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(REPO / "recipes" / "badnet_sst2.yaml"), "--model.init_args.model", str(tiny_bert),
+              "--trainer.default_root_dir", str(tmp_path / "run"), *args])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith(("mitigate", "("))]
+    assert e.value.code == code and len(err) == 1 and expected in err[0], err
+
+
+def test_fit_without_a_recipe_says_where_to_start(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["fit"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "start from a recipe: mitigate fit --config recipes/badnet_sst2.yaml" in last
+
+
+def test_a_finished_fit_ends_with_where_everything_is_and_keeps_no_checkpoint(tmp_path, tiny_bert, sst2_small, capsys):
+    root = tmp_path / "run"
+    main(fit_args(tiny_bert, sst2_small, root, "--trainer.max_epochs", "1"))
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    results = json.loads((root / "results.json").read_text())
+    assert last.startswith(f"mitigate: results {root / 'results.md'} (CACC {100 * results['test/cacc']:.2f} %, ASR ")
+    assert f"model {root / 'model'}" in last and "cacc_asr.png" in last
+    assert not list((root / "checkpoints").glob("*.ckpt"))  # the exported model is the result (--checkpoint.keep)
+    # the report says how much was tested and where the data come from; the floor is measured
+    assert results["report"]["test_data"] == {"source": str(sst2_small), "clean": 64, "poisoned": results["report"]["test_data"]["poisoned"],
+                                              "batches": 1, "of_batches": 1, "processes": 1, "partial": False}
+    assert 0.0 <= results["test/floor"] <= 1.0

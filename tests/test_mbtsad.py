@@ -48,7 +48,7 @@ def test_mbtsad_fit_reports_three_models_and_exports_teacher_and_student(tmp_pat
     for name in ("test/", "test/teacher/", "test/suspicious/"):
         assert 0.0 <= results[name + "cacc"] <= 1.0 and 0.0 <= results[name + "asr"] <= 1.0
     table = (root / "results.md").read_text()
-    first_table = table.split("\n\n")[1]  # the model table; the scan's and choices' tables follow it
+    first_table = next(b for b in table.split("\n\n") if b.startswith("| model"))  # the scan's and choices' tables follow it
     rows = [line.split(" | ")[0] for line in first_table.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows == ["| model", "| suspicious model", "| TS-FT (teacher)", "| MBTSAD (student)"]
     # the suspicious model's numbers are those of the checkpoint as given

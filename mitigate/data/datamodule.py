@@ -3,6 +3,7 @@ clean subset, and clean + poisoned evaluation sets."""
 
 from __future__ import annotations
 
+import difflib
 import logging
 import random
 from functools import cached_property
@@ -30,7 +31,7 @@ from mitigate.data.io import (
 from mitigate.data.poisoning import Poisoner
 from mitigate.data.sampling import LengthSortedSampler, ResumableDataLoader, SeededShuffleSampler
 from mitigate.data.token_split import TokenSplit
-from mitigate.loading import load_tokenizer, looks_like_path
+from mitigate.loading import hub_offline, load_tokenizer, looks_like_path
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +47,21 @@ def load_splits(path: str, text_column: str, label_column: str) -> tuple[dict[st
     if folder is not None:
         files = {s: find_split_file(folder, s) for s in SPLITS}
         return {s: read_examples(f, text_column, label_column) for s, f in files.items()}, {s: str(f) for s, f in files.items()}
+    close = difflib.get_close_matches(path, list(REGISTRY), n=1, cutoff=0.6)
+    unknown = (f"data.path {path!r}: not a folder, not a name under $MITIGATE_DATA_DIR ({data_root()}), not a "
+               f"registered name ({', '.join(REGISTRY)})" + (f"; did you mean {close[0]}?" if close else ""))
     if looks_like_path(path):
-        raise DataError(f"data.path {path!r}: not a folder (nor a name under $MITIGATE_DATA_DIR = {data_root()})")
+        raise DataError(unknown)
+    if hub_offline():
+        raise DataError(f"{unknown} (HF_HUB_OFFLINE=1: hub ids are not looked up)")
     try:
         import datasets  # optional
     except ImportError:
-        raise DataError(
-            f"data.path {path!r}: not a folder, nor under $MITIGATE_DATA_DIR; install `datasets` to load hub ids"
-        ) from None
-    ds = datasets.load_dataset(path)
+        raise DataError(f"{unknown}; install `datasets` to load it as a hub id") from None
+    try:
+        ds = datasets.load_dataset(path)
+    except Exception as e:  # noqa: BLE001 - an unknown name ends here, with what would have worked
+        raise DataError(f"{unknown}, and the hub has no such data set ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from e
     names = {"train": "train", "dev": "validation" if "validation" in ds else "dev", "test": "test"}
     out, where = {}, {}
     for split, name in names.items():
@@ -148,6 +155,14 @@ class BackdoorDataModule(pl.LightningDataModule):
             raise ValueError(f"data.poisoner.target_label {self.poisoner.target_label} is not a class of the data (labels 0..{n - 1})")
         self._num_classes = n
         return splits
+
+    @property
+    def source(self) -> str:
+        """Where the data come from, for model cards: the hub id of a registered name, else the
+        folder or hub id given."""
+        path = self.hparams.path
+        entry = REGISTRY.get(path)
+        return f"{entry.hub_id} (as `{path}`)" if entry is not None else str(path)
 
     @property
     def num_classes(self) -> int:

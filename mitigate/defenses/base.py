@@ -99,6 +99,7 @@ class Defense(pl.Callback):
             (clean, poisoned); None: all.
         seed: seed of that subset and of any randomness of the defense.
         write_csv: write the per-sample CSV.
+        calib_samples: calibrate on a seeded subset of this many clean dev samples (None: all).
         precision: inference precision of the defense's passes, opt-in: ``full`` (the model's
             own), ``bf16`` (autocast to bfloat16, CPU or GPU) or ``int8`` (a dynamically
             quantised copy of the classifier's Linear layers, CPU only; gradient steps, e.g.
@@ -110,7 +111,7 @@ class Defense(pl.Callback):
     score_column: tuple[str, str] | None = None
 
     def __init__(self, name: str, batch_size: int | None = 64, max_samples: int | None = None, seed: int = 42, write_csv: bool = True,
-                 precision: Literal["full", "bf16", "int8"] = "full") -> None:
+                 precision: Literal["full", "bf16", "int8"] = "full", calib_samples: int | None = None) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"{name}: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.precision = precision
@@ -118,6 +119,9 @@ class Defense(pl.Callback):
         self.name = name
         self.batch_size = batch_size
         self.max_samples = max_samples
+        if calib_samples is not None and calib_samples < 1:
+            raise ValueError(f"{name}: calib_samples must be >= 1 (or null: the whole dev set), got {calib_samples}")
+        self.calib_samples = calib_samples
         self.seed = seed
         self.write_csv = write_csv
         self.rows: list[dict] = []
@@ -160,10 +164,18 @@ class Defense(pl.Callback):
     def max_length(trainer: pl.Trainer) -> int:
         return trainer.datamodule.hparams.max_length
 
-    @staticmethod
-    def held_out(trainer: pl.Trainer) -> list[Example]:
-        """The clean held-out (dev) examples, all of them on every rank."""
-        return trainer.datamodule.examples("dev")
+    def held_out_indices(self, trainer: pl.Trainer) -> list[int]:
+        """Indices of the clean held-out (dev) examples calibration uses: all, or a seeded
+        ``calib_samples`` of them; the same on every rank."""
+        n = len(trainer.datamodule.examples("dev"))
+        if self.calib_samples is None or self.calib_samples >= n:
+            return list(range(n))
+        return sorted(random.Random(f"{self.seed}-{self.name}-calibration").sample(range(n), self.calib_samples))
+
+    def held_out(self, trainer: pl.Trainer) -> list[Example]:
+        """The clean held-out (dev) examples calibration uses (``held_out_indices``)."""
+        dev = trainer.datamodule.examples("dev")
+        return [dev[i] for i in self.held_out_indices(trainer)]
 
     def _texts(self, trainer: pl.Trainer, batch: dict) -> list[str]:
         dm = trainer.datamodule

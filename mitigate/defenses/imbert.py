@@ -8,9 +8,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
-from mitigate.defenses.base import Defense, gather_cat, gather_objects, progress
+from mitigate.data.encoding import PadCollator
+from mitigate.defenses.base import Defense, gather_cat, gather_objects, progress, world
 from mitigate.inference import special_mask
 from mitigate.metrics import CorrectionMetrics
 
@@ -148,6 +150,7 @@ class IMBERT(Defense):
         seed: int = 42,
         write_csv: bool = True,
         precision: Literal["full", "bf16", "int8"] = "full",
+        calib_samples: int | None = None,
     ) -> None:
         if saliency not in ("gradient", "attention"):
             raise ValueError(f"saliency must be 'gradient' or 'attention', got {saliency!r}")
@@ -157,7 +160,7 @@ class IMBERT(Defense):
             raise ValueError(f"k must be >= 1, got {k}")
         if precision == "int8" and saliency == "gradient":
             raise ValueError("IMBERT: precision int8 has no gradients for the gradient saliency; use bf16 or saliency: attention")
-        super().__init__(name or f"imbert_{saliency[0]}", batch_size, max_samples, seed, write_csv, precision)
+        super().__init__(name or f"imbert_{saliency[0]}", batch_size, max_samples, seed, write_csv, precision, calib_samples)
         self.saliency, self.k, self.lam, self.operation = saliency, k, lam, operation
         self.max_cacc_drop = max_cacc_drop
 
@@ -181,7 +184,13 @@ class IMBERT(Defense):
 
     def _calibrate_lam(self, trainer, model, tok) -> float:
         dm = trainer.datamodule
-        loader = dm.eval_loader("dev", batch_size=self.batch_size)
+        if self.calib_samples is None:
+            loader = dm.eval_loader("dev", batch_size=self.batch_size)
+        else:  # this rank's share of the seeded subset, shortest first
+            n, rank = world(trainer)
+            ds = dm.dataset("dev")
+            mine = sorted(self.held_out_indices(trainer)[rank::n], key=lambda i: len(ds.input_ids[i]))
+            loader = DataLoader([ds[i] for i in mine], batch_size=self.batch_size, collate_fn=PadCollator(tok.pad_token_id))
         kept = []
         with progress(len(loader), f"{self.name}: saliency on dev", trainer) as bar:
             for b in loader:

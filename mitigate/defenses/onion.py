@@ -205,8 +205,9 @@ class ONION(Defense):
         seed: int = 42,
         write_csv: bool = True,
         precision: Literal["full", "bf16", "int8"] = "full",
+        calib_samples: int | None = None,
     ) -> None:
-        super().__init__(name, batch_size, max_samples, seed, write_csv, precision)
+        super().__init__(name, batch_size, max_samples, seed, write_csv, precision, calib_samples)
         self.lm_name, self.bar, self.max_cacc_drop = lm, bar, max_cacc_drop
         self.calibration_samples = calibration_samples
         self.lm_batch_size, self.lm_max_length, self.lm_dtype = lm_batch_size, lm_max_length, lm_dtype

@@ -109,6 +109,7 @@ class STRIP(Defense):
         seed: int = 42,
         write_csv: bool = True,
         precision: Literal["full", "bf16", "int8"] = "full",
+        calib_samples: int | None = None,
     ) -> None:
         if copies < 1:
             raise ValueError(f"copies must be >= 1, got {copies}")
@@ -120,7 +121,7 @@ class STRIP(Defense):
             raise ValueError(f"pool must be 'other_classes' or 'any', got {pool!r}")
         if early_stop and not (2 <= min_copies <= copies and step_copies >= 1 and z > 0):
             raise ValueError(f"early_stop needs 2 <= min_copies <= copies, step_copies >= 1, z > 0; got {min_copies}, {step_copies}, {z}")
-        super().__init__(name, batch_size, max_samples, seed, write_csv, precision)
+        super().__init__(name, batch_size, max_samples, seed, write_csv, precision, calib_samples)
         self.copies, self.ratio, self.frr, self.pool = copies, ratio, frr, pool
         self.early_stop, self.min_copies, self.step_copies, self.z = early_stop, min_copies, step_copies, z
 

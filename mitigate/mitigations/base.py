@@ -6,6 +6,7 @@ reported and survives a resume."""
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from typing import Literal
 
@@ -158,8 +159,20 @@ class Mitigation(TextClassifier):
 
     def clean_batches(self) -> list[dict]:
         """The defender's clean training data in batches: the global batches of one process
-        (the training's own order)."""
-        return list(self.trainer.datamodule.train_dataloader(one_process=True))
+        (the training's own order), as many as the trainer's ``limit_train_batches`` lets an
+        epoch have."""
+        loader = self.trainer.datamodule.train_dataloader(one_process=True)
+        return list(itertools.islice(loader, self.batches_per_epoch(loader)))
+
+    def batches_per_epoch(self, loader) -> int:
+        """Batches of ``loader`` an epoch trains on, under the trainer's ``limit_train_batches``
+        (an int: that many; a float: that share); probes and scans take no more."""
+        limit = self.trainer.limit_train_batches
+        if limit is None:
+            return len(loader)
+        if isinstance(limit, int) or (isinstance(limit, float) and limit > 1.0):
+            return min(len(loader), int(limit))
+        return max(1, int(len(loader) * limit))
 
     # -- services --------------------------------------------------------------------------------
     def reference_weights(self) -> dict[str, torch.Tensor]:
@@ -177,6 +190,21 @@ class Mitigation(TextClassifier):
         dm = self.trainer.datamodule
         return clean_report(model, dm.dataset("dev"), dm.tokenizer.pad_token_id)
 
+    def weak_suspicious_model(self) -> str | None:
+        """What is wrong with the suspicious model itself on clean dev data (it predicts nearly
+        one class, or is within 5 points of chance), or None: when the victim is the problem, the
+        guard says so instead of blaming the cleaning's settings."""
+        dev = self.report.get("suspicious_dev")
+        if not dev:
+            return None
+        reason = collapse_reason(dev, self.hparams.max_class_share or 0.95)
+        if reason:
+            return reason.replace("it predicts", "predicts")
+        chance = 100.0 / len(dev["shares"])
+        if dev["cacc"] < chance + 5.0:
+            return f"is near chance on clean dev data (CACC {dev['cacc']:.2f}, chance {chance:.0f})"
+        return None
+
     @property
     def min_cacc(self) -> float | None:
         """The clean-dev accuracy bound: the suspicious model's minus ``max_cacc_drop``."""
@@ -191,8 +219,11 @@ class Mitigation(TextClassifier):
         report = self.dev_report(model)
         reason = collapse_reason(report, self.hparams.max_class_share, self.min_cacc)
         if reason:
+            weak = self.weak_suspicious_model()
+            hint = (f"The suspicious model itself {weak}: check the checkpoint and the data before the cleaning"
+                    if weak else f"{self.guard_hint[0].upper()}{self.guard_hint[1:]}")
             message = (f"{name} is not a usable cleaning: {reason} (suspicious model: dev CACC "
-                       f"{self.report['suspicious_dev']['cacc']:.2f}). {self.guard_hint[0].upper()}{self.guard_hint[1:]}")
+                       f"{self.report['suspicious_dev']['cacc']:.2f}). {hint}")
             self.report.setdefault("collapse", []).append({"model": name, "message": message, **report})
             log.error("collapse guard: %s", message)
             self.trainer.should_stop = True
@@ -205,9 +236,10 @@ class Mitigation(TextClassifier):
         at ``lr`` (default: the run's), the run's schedule unless ``schedule`` is given), the
         short run that judges a candidate setting (``mitigate.training.fine_tune``)."""
         hp = self.hparams
+        loader = self.trainer.datamodule.train_dataloader(one_process=True)
         return fine_tune(
-            model, self.trainer.datamodule.train_dataloader(one_process=True), lr=hp.lr if lr is None else lr, weight_decay=hp.weight_decay,
-            epochs=epochs, max_steps=max_steps, schedule=schedule or hp.schedule, warmup_ratio=hp.warmup_ratio, seed=seed,
+            model, loader, lr=hp.lr if lr is None else lr, weight_decay=hp.weight_decay, epochs=epochs, max_steps=max_steps,
+            batches_per_epoch=self.batches_per_epoch(loader), schedule=schedule or hp.schedule, warmup_ratio=hp.warmup_ratio, seed=seed,
             prepare=prepare, after_step=after_step, device=self.device, progress=progress,
             show_progress=self.trainer.is_global_zero,
         )

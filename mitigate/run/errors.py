@@ -15,6 +15,12 @@ import tempfile
 import time
 import traceback
 
+from mitigate.data.io import DataError
+
+class UsageError(ValueError):
+    """A setting that cannot work, found before anything loads; reported like a wrong option."""
+
+
 _KEY = re.compile(r'^Parser key "([^"]+)":')
 _WRAPPERS = ("Does not validate against any of the Union subtypes", "Problem with given class_path", "Parser key ")
 
@@ -75,10 +81,13 @@ def write_traceback(exc: BaseException) -> str:
     return path
 
 
-def report(exc: BaseException, command: str = "mitigate") -> int:
-    """Print the traceback's location, then the error's one line (last); the exit status."""
-    path = write_traceback(exc)
-    usage = type(exc).__name__ == "ArgumentError"
-    print(f"({'usage error' if usage else 'traceback'}: {path}; MITIGATE_DEBUG=1 raises it here)", file=sys.stderr)
-    print(f"{command}: error: {error_line(exc)}", file=sys.stderr)
+def report(exc: BaseException, command: str = "mitigate", hint: str = "") -> int:
+    """Print the error's one line (with ``hint`` after it); the exit status. A usage error (a
+    wrong option or value) is that line alone; any other error is preceded by where its
+    traceback was written."""
+    usage = type(exc).__name__ == "ArgumentError" or isinstance(exc, UsageError)
+    # a wrong option or value, or bad data (file, line, field): the one line says it all
+    if not usage and not isinstance(exc, DataError):
+        print(f"(traceback: {write_traceback(exc)}; MITIGATE_DEBUG=1 raises it here)", file=sys.stderr)
+    print(f"{command}: error: {error_line(exc)}{hint}", file=sys.stderr)
     return 2 if usage else 1

@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 from mitigate.guard import collapse_reason
 from mitigate.inference import clean_report
 from mitigate.run.model_card import describe, write_model_card
+from mitigate.run.results import test_coverage
 
 log = logging.getLogger(__name__)
 
@@ -87,5 +88,6 @@ class ExportPretrained(pl.Callback):
         if not trainer.is_global_zero or not getattr(self, "_cards", None):
             return
         results = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        coverage = test_coverage(trainer)
         for folder, card in self._cards.items():
-            write_model_card(folder, card, results, getattr(pl_module, "report_rows", None))
+            write_model_card(folder, card, results, getattr(pl_module, "report_rows", None), coverage)

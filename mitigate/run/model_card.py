@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from mitigate import __version__
-from mitigate.run.results import metrics_by_model
+from mitigate.run.results import coverage_line, metrics_by_model, verdict
 
 
 def describe(module, datamodule) -> dict:
@@ -33,7 +33,8 @@ def describe(module, datamodule) -> dict:
     settings["data"] = {k: v for k, v in dm_hp.items() if isinstance(v, plain) and not k.startswith("_")}
     return {
         "title": card["title"], "text": card["text"], "tags": ["mitigate", "text-classification", *card["tags"]],
-        "base_model": hp.get("model"), "dataset": str(data), "clean_data": clean_data, "settings": settings,
+        "base_model": hp.get("model"), "dataset": getattr(datamodule, "source", str(data)), "clean_data": clean_data,
+        "settings": settings,
         "attack": repr(poisoner) if poisoner is not None else None,
     }
 
@@ -41,19 +42,20 @@ def describe(module, datamodule) -> dict:
 def results_rows(results: dict[str, float], row_names: dict[str, str] | None) -> list[str]:
     """A CACC / ASR table (in %) of every evaluated model, for the card."""
     names = dict(row_names or {})
-    out = ["| model | CACC | ASR |", "| --- | --- | --- |"]
-    for n, r in metrics_by_model(results, row_names, ("cacc", "asr")).items():
-        cell = lambda m: f"{100 * r[m]:.2f}" if m in r else "-"  # noqa: E731
-        out.append(f"| {names.get(n, n or 'this model')} | {cell('cacc')} | {cell('asr')} |")
+    out = ["| model | CACC | ASR | floor |", "| --- | --- | --- | --- |"]
+    for n, r in metrics_by_model(results, row_names, ("cacc", "asr", "floor")).items():
+        cell = lambda m: f"{100 * r[m]:.2f}" if m in r and r[m] == r[m] else "-"  # noqa: E731
+        out.append(f"| {names.get(n, n or 'this model')} | {cell('cacc')} | {cell('asr')} | {cell('floor')} |")
     return out
 
 
 def write_model_card(folder: Path, info: dict, results: dict[str, float] | None = None,
-                     row_names: dict[str, str] | None = None) -> Path:
-    """Write ``folder/README.md`` from ``describe``'s ``info`` and, once tested, the results."""
+                     row_names: dict[str, str] | None = None, coverage: dict | None = None) -> Path:
+    """Write ``folder/README.md`` from ``describe``'s ``info`` and, once tested, the results, the
+    verdict they support, and how much of the test sets they cover (``coverage``)."""
     header = {
         "library_name": "transformers", "pipeline_tag": "text-classification", "tags": info["tags"],
-        "datasets": [info["dataset"]],
+        "datasets": [info["dataset"].split(" ")[0]],
     }
     base = info.get("base_model")
     if base and not Path(str(base)).exists():  # a hub id; local folders mean nothing elsewhere
@@ -64,8 +66,14 @@ def write_model_card(folder: Path, info: dict, results: dict[str, float] | None 
     lines += ["## Settings", "", "```yaml", yaml.safe_dump(info["settings"], sort_keys=False).strip(), "```", ""]
     lines += ["## Results", ""]
     if results:
-        lines += [f"On the {info['dataset']} test set (CACC: clean accuracy; ASR: share of poisoned test inputs "
-                  "classified as the attacker's target label), in %:", "", *results_rows(results, row_names), ""]
+        said = verdict(results)
+        if said:
+            lines += [f"**{said}**", ""]
+        if coverage:
+            lines += [coverage_line(coverage, info["dataset"]), ""]
+        lines += ["CACC: clean accuracy; ASR: share of poisoned test inputs classified as the attacker's target label; "
+                  "floor: the same model's share of their clean versions classified as the target. In %:", "",
+                  *results_rows(results, row_names), ""]
     else:
         lines += ["Not measured yet (the run exported the model before its test).", ""]
     lines += ["## Not measured", "",

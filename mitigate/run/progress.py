@@ -27,7 +27,12 @@ def _hms(seconds: float) -> str:
 
 class ProgressLog(pl.Callback):
     """A log line every ``every_s`` seconds of training and at each epoch's end, when stderr is
-    not a terminal (``always: true`` logs in a terminal too). Rank 0 only."""
+    not a terminal (``always: true`` logs in a terminal too). Rank 0 only.
+
+    Args:
+        every_s: seconds between two progress lines.
+        always: write them in a terminal too (beside the progress bar).
+    """
 
     def __init__(self, every_s: float = 60.0, always: bool = False) -> None:
         self.every_s, self.always = every_s, always

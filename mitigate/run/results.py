@@ -41,7 +41,7 @@ def results_table(results: dict[str, float], row_names: dict[str, str] | None = 
     to the labels shown, and orders the rows."""
     rows = metrics_by_model(results, row_names)
     names = dict(row_names or {})
-    preferred = ["cacc", "asr", "frr", "far", "auroc", "precision", "wall_s", "samples_per_s"]
+    preferred = ["cacc", "asr", "floor", "frr", "far", "auroc", "precision", "wall_s", "samples_per_s"]
     metrics = [m for m in preferred if any(m in r for r in rows.values())]
     metrics += sorted({m for r in rows.values() for m in r} - set(metrics))
     lines = ["| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
@@ -49,6 +49,50 @@ def results_table(results: dict[str, float], row_names: dict[str, str] | None = 
         cells = [_show(m, rows[n][m]) if m in rows[n] else "" for m in metrics]
         lines.append(f"| {names.get(n, n or 'model')} | " + " | ".join(cells) + " |")
     return lines
+
+
+def verdict(results: dict[str, float]) -> str | None:
+    """What the numbers say, in one sentence (None without an ASR). A cleaning (the suspicious
+    model measured beside it) is judged by its ASR against its own floor (``floor``) and its CACC
+    against the suspicious model's: cleaned when ASR ends within 5 points of the floor at a
+    CACC drop of at most 2 points."""
+    asr, floor, cacc = results.get("test/asr"), results.get("test/floor"), results.get("test/cacc")
+    if asr is None:
+        return None
+    pct = lambda v: f"{100 * v:.2f} %"  # noqa: E731
+    floor_s = f" (its own floor: {pct(floor)})" if floor is not None and floor == floor else ""
+    before = results.get("test/suspicious/asr")
+    if before is None:
+        if floor is not None and floor == floor and asr >= floor + 0.2:
+            return f"Backdoored for this attack: ASR {pct(asr)}{floor_s}."
+        return f"No backdoor seen for this attack: ASR {pct(asr)}{floor_s}."
+    cacc_before = results.get("test/suspicious/cacc", cacc)
+    drop = 100 * (cacc_before - cacc) if cacc is not None and cacc_before is not None else 0.0
+    change = f"ASR {pct(before)} -> {pct(asr)}{floor_s}, CACC {pct(cacc_before)} -> {pct(cacc)}"
+    if asr > before + 0.01:
+        return f"ASR went up: not cleaned ({change})."
+    if floor is not None and floor == floor and asr <= floor + 0.05 and drop <= 2.0:
+        return f"Cleaned for this attack ({change})."
+    if asr < before - 0.05:
+        return f"Partly cleaned ({change}); " + ("ASR stays above its floor." if drop <= 2.0 else "CACC fell more than 2 points.")
+    return f"Not cleaned ({change})."
+
+
+def test_coverage(trainer: pl.Trainer) -> dict:
+    """How much of the test sets the test saw (``batches`` of ``of_batches`` on each of
+    ``processes``), and where the data come from."""
+    dm = trainer.datamodule
+    used = int(sum(trainer.num_test_batches)) if trainer.num_test_batches else 0
+    total = len(dm.test_dataloader())
+    return {"source": getattr(dm, "source", str(dm.hparams.get("path"))), "clean": len(dm.dataset("test")),
+            "poisoned": len(dm.dataset("test_poisoned")), "batches": used, "of_batches": total, "processes": trainer.world_size, "partial": used < total}
+
+
+def coverage_line(cover: dict, source: str) -> str:
+    """One sentence on how much was tested (``test_coverage``'s record), partial runs in bold."""
+    each = " on each of {} processes".format(cover["processes"]) if cover.get("processes", 1) > 1 else ""
+    part = f"**partial test**: {cover['batches']} of {cover['of_batches']} batches{each} of " if cover["partial"] else ""
+    return f"Tested on {part}{cover['clean']} clean + {cover['poisoned']} poisoned samples of {source}."
 
 
 def _show(metric: str, v: float) -> str:
@@ -67,10 +111,19 @@ def write_results(
     payload = {**results, "report": report} if report else results
     (d / "results.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     lines = [f"# {title}", ""]
+    said = verdict(results)
+    if said:
+        lines += [f"**{said}**", ""]
+    cover = (report or {}).get("test_data")
+    if cover:
+        lines += [coverage_line(cover, cover["source"]), ""]
     refused = (report or {}).get("export")
     if refused and not refused.get("exported", True):
         lines += [f"**Not exported**: {refused['reason']}. The numbers below are those of the model as trained.", ""]
-    lines += [*results_table(results, row_names), "", "Rates (CACC, ASR, ...) in %."]
+    lines += [*results_table(results, row_names), "",
+              "Rates in %. ASR: poisoned test samples classified as the attacker's target (lower is better); floor: "
+              "the same model's share of their clean versions already classified as the target (an ASR near it "
+              "means the trigger does nothing)."]
     if figures:
         lines += ["", "## Figures", "", *[f"![{Path(f).stem}]({f})" for f in figures]]
     if report:
@@ -95,13 +148,13 @@ def report_sections(report: dict) -> list[str]:
     if "fit_wall_s" in report:
         lines += [f"Training wall time (`fit`, this process): {report['fit_wall_s']} s.", ""]
     for key, value in report.items():
-        if key not in ("trigger_scan", "fit_wall_s"):
+        if key not in ("trigger_scan", "fit_wall_s", "test_data", "export"):
             lines += [f"## {key}", "", "```", json.dumps(value, indent=2), "```", ""]
     return lines
 
 
 def _is_rate(key: str) -> bool:
-    return key.rsplit("/", 1)[-1] in {"cacc", "asr", "frr", "far", "acc", "auroc", "precision", "false_trigger_rate", "asr@1", "asr@3", "asr@5", "never_flipped"}
+    return key.rsplit("/", 1)[-1] in {"cacc", "asr", "floor", "frr", "far", "acc", "auroc", "precision", "false_trigger_rate", "asr@1", "asr@3", "asr@5", "never_flipped"}
 
 
 def figures(results: dict[str, float], dirpath: Path, trainer: pl.Trainer | None, row_names: dict[str, str] | None) -> list[Path]:
@@ -109,9 +162,10 @@ def figures(results: dict[str, float], dirpath: Path, trainer: pl.Trainer | None
     curves of a fit, and the detection defenses' histograms (written by the defenses)."""
     out = []
     names = dict(row_names or {})
-    rows = metrics_by_model(results, row_names, ("cacc", "asr"))
-    bars = {names.get(n, n or "model"): (100 * r["cacc"] if "cacc" in r else None, 100 * r["asr"] if "asr" in r else None)
-            for n, r in rows.items()}
+    rows = metrics_by_model(results, row_names, ("cacc", "asr", "floor"))
+    pct = lambda r, m: 100 * r[m] if m in r and r[m] == r[m] else None  # noqa: E731
+    bars = {names.get(n, n or "model"): (pct(r, "cacc"), pct(r, "asr"), pct(r, "floor")) for n, r in rows.items()
+            if "cacc" in r or "asr" in r}
     if bars:
         out.append(plots.cacc_asr_bars(bars, dirpath / "cacc_asr.png", "CACC and ASR on the test sets"))
     logger = getattr(trainer, "logger", None) if trainer is not None else None
@@ -122,6 +176,21 @@ def figures(results: dict[str, float], dirpath: Path, trainer: pl.Trainer | None
             out.append(curve)
     out += sorted(dirpath.glob("defense_*.png"))
     return out
+
+
+#: the row label of a fit's model by what it trained on
+ROLES = {"poisoned": "victim", "poisoned_only": "victim", "corpus": "victim", "clean": "clean fine-tune", "clean_subset": "CFT"}
+
+
+def row_label(trainer: pl.Trainer, fitted: bool) -> str:
+    """results.md's label for the run's own model when the module names none: what it is."""
+    if any("Defense" in {c.__name__ for c in type(cb).__mro__} for cb in trainer.callbacks):
+        return "no defense"
+    if not fitted:
+        return "the model"
+    dm = trainer.datamodule
+    role = ROLES.get(dm.hparams.get("train_set"), "the model")
+    return "TS-FT" if role == "CFT" and getattr(dm, "token_split", None) is not None else role
 
 
 class ResultsWriter(pl.Callback):
@@ -147,9 +216,10 @@ class ResultsWriter(pl.Callback):
         wall = round(time.perf_counter() - self._start, 2)
         dirpath = Path(self.dirpath or trainer.default_root_dir)
         dirpath.mkdir(parents=True, exist_ok=True)
-        row_names = getattr(pl_module, "report_rows", None)
+        row_names = getattr(pl_module, "report_rows", None) or {"": row_label(trainer, getattr(self, "_fit_s", None) is not None)}
         pngs = figures(results, dirpath, trainer, row_names)
         report = dict(getattr(pl_module, "report", None) or {})
+        report["test_data"] = test_coverage(trainer)
         if getattr(self, "_fit_s", None) is not None:  # the fit of this process (resumed: since the resume)
             report["fit_wall_s"] = self._fit_s
         write_results(

@@ -179,7 +179,7 @@ class MBTSAD(Mitigation):
         hp = self.hparams
         tried = []
         bound = self.report["suspicious_dev"]["cacc"] - hp.probe_cacc_drop
-        steps = max(1, math.ceil(hp.probe_fraction * len(self.trainer.datamodule.train_dataloader(one_process=True))))
+        steps = max(1, math.ceil(hp.probe_fraction * self.batches_per_epoch(self.trainer.datamodule.train_dataloader(one_process=True))))
         prepare = self._unlearning_step if self.scan is not None and hp.unlearn_tsft else None
         for lr in candidates:
             start = time.perf_counter()
@@ -195,9 +195,12 @@ class MBTSAD(Mitigation):
         self.report["tsft_lr_choice"] = {"candidates": candidates, "tried": tried, "min_cacc": bound}
         chosen = next((t["lr"] for t in tried if t["accepted"]), None)
         if chosen is None:
+            weak = self.weak_suspicious_model()
+            fix = (f"the suspicious model itself {weak}: check the checkpoint and the data" if weak
+                   else "give lower model.tsft_lr candidates")
             raise CollapseError(
                 f"no TS-FT rate among {candidates} keeps the clean dev accuracy above {bound:.2f} "
-                f"without collapsing (probes: {[(t['lr'], t['cacc']) for t in tried]}); give lower model.tsft_lr candidates"
+                f"without collapsing (probes: {[(t['lr'], t['cacc']) for t in tried]}); {fix}"
             )
         self.report["tsft_lr_choice"]["chosen"] = chosen
 
