@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib.util
 import inspect
 import json
 import logging
@@ -20,7 +21,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from transformers.utils import logging as transformers_logging
@@ -32,7 +33,7 @@ from mitigate.run.checkpoint import RunCheckpoint
 from mitigate.run.export import ExportPretrained
 from mitigate.run.folder import claim_run_folder
 from mitigate.run.predictions import PredictionWriter
-from mitigate.run.progress import ProgressLog
+from mitigate.run.progress import EpochBar, ProgressLog
 from mitigate.run.results import ResultsWriter
 
 log = logging.getLogger("mitigate")
@@ -125,6 +126,16 @@ class MitigateCLI(LightningCLI):
             # Lightning's table of fractions: mitigate ends with its own line, in % (final_line)
             parser.set_defaults({"verbose": False})
         return parser
+
+    def instantiate_trainer(self, **kwargs) -> pl.Trainer:
+        """The trainer, with ``EpochBar`` where Lightning would add its own rich progress bar."""
+        config = self._get(self.config_init, "trainer", default={})
+        given = config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        wanted = config.get("enable_progress_bar") is not False and importlib.util.find_spec("rich") is not None
+        if wanted and not any(isinstance(c, ProgressBar) for c in given):
+            kwargs["callbacks"] = [*given, EpochBar()]
+        return super().instantiate_trainer(**kwargs)
 
     # -- checkpoints given to --ckpt_path ---------------------------------------------------------
     def _parse_ckpt_path(self) -> None:
@@ -240,16 +251,6 @@ def quiet_logs() -> None:
         logging.getLogger(name).addFilter(_DropNoise())
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
-
-
-def _epoch_of_epochs(self, current_epoch: int) -> str:
-    """Lightning's bar counts epochs from 0 ("Epoch 0/2" for the first of 3); the progress log
-    lines count from 1: the bar says "Epoch 1/3" too."""
-    text = f"Epoch {current_epoch + 1}" + (f"/{self.trainer.max_epochs}" if self.trainer.max_epochs not in (None, -1) else "")
-    return f"{text:{len(self.validation_description)}}" if len(self.validation_description) > len(text) else text
-
-
-RichProgressBar._get_train_description = _epoch_of_epochs
 
 
 def final_line(cli: MitigateCLI) -> str | None:
@@ -464,9 +465,9 @@ def main(args: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(OVERVIEW)
         return
-    if argv[0] in ("list", "recipes"):
-        code = print_list(argv[1] if len(argv) > 1 and argv[0] == "list" else ("recipes" if argv[0] == "recipes" else None))
-        if code:
+    if argv[0] in ("list", "recipes"):  # `mitigate recipes` = `mitigate list recipes`
+        kind = "recipes" if argv[0] == "recipes" else (argv[1] if len(argv) > 1 else None)
+        if code := print_list(kind):
             sys.exit(code)
         return
     sub = argv[0]
@@ -476,8 +477,6 @@ def main(args: list[str] | None = None) -> None:
     argv = [("--help" if a == "--help-all" else a) for a in argv]
     try:
         cli = MitigateCLI(pl.LightningModule, pl.LightningDataModule, **CLI_KWARGS, args=argv)
-    except SystemExit:
-        raise
     except Exception as e:  # noqa: BLE001 - every error ends as one clear line
         if os.environ.get("MITIGATE_DEBUG", "").lower() in ("1", "true", "yes"):
             raise

@@ -242,3 +242,20 @@ def test_a_finished_fit_ends_with_where_everything_is_and_keeps_no_checkpoint(tm
     assert results["report"]["test_data"] == {"source": str(sst2_small), "clean": 64, "poisoned": results["report"]["test_data"]["poisoned"],
                                               "batches": 1, "of_batches": 1, "processes": 1, "partial": False}
     assert 0.0 <= results["test/floor"] <= 1.0
+
+
+def test_the_progress_bar_counts_epochs_from_one(tmp_path, tiny_bert, sst2_small, monkeypatch):
+    import lightning.pytorch as pl
+
+    from mitigate.cli import MitigateCLI
+    from mitigate.run.progress import EpochBar
+
+    trainers = []
+    built = MitigateCLI.instantiate_trainer
+    monkeypatch.setattr(MitigateCLI, "instantiate_trainer", lambda self, **kw: trainers.append(built(self, **kw)) or trainers[-1])
+    for shown in ("true", "false"):
+        main([*fit_args(tiny_bert, sst2_small, tmp_path / shown), "--trainer.enable_progress_bar", shown,
+              "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1", "--test_after_fit", "false"])
+    bars = [[cb for cb in t.callbacks if isinstance(cb, pl.callbacks.ProgressBar)] for t in trainers]
+    assert [type(b) for b in bars[0]] == [EpochBar] and bars[1] == []
+    assert bars[0][0]._get_train_description(0).split() == ["Epoch", "1/2"]  # the first of 2 (Lightning's: "Epoch 0/1")

@@ -122,3 +122,22 @@ def test_batch_index_points_back_to_each_sample(sst2_small, bert_tokenizer):
         for ids, attn, p, i in zip(batch["input_ids"], batch["attention_mask"], batch["poisoned"], batch["index"]):
             ex = dm.dataset("test_poisoned" if p else "test").examples[int(i)]
             assert bert_tokenizer(ex.text)["input_ids"] == ids[attn.bool()].tolist()
+
+
+def test_eval_loader_on_a_subset_gives_exactly_those_samples_shortest_first(sst2_small):
+    from types import SimpleNamespace
+
+    from mitigate.defenses import STRIP
+
+    dm = _dm(sst2_small, eval_batch_size=8)
+    dm.setup("fit")
+    defense = STRIP(calib_samples=20)
+    picked = defense.held_out_indices(SimpleNamespace(datamodule=dm))
+    assert len(set(picked)) == 20 and picked == defense.held_out_indices(SimpleNamespace(datamodule=dm))  # seeded
+    assert STRIP().held_out_indices(SimpleNamespace(datamodule=dm)) == list(range(64))
+    batches = list(dm.eval_loader("dev", indices=picked))
+    assert sorted(int(i) for b in batches for i in b["index"]) == sorted(picked)
+    lengths = [int(n) for b in batches for n in b["attention_mask"].sum(1)]
+    assert lengths == sorted(lengths)
+    with pytest.raises(ValueError, match="indices select from one set"):
+        dm.eval_loader("dev", "dev_poisoned", indices=picked)

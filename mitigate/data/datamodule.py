@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import logging
 import random
+from collections.abc import Sequence
 from functools import cached_property
 from typing import Literal
 
@@ -13,7 +14,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from mitigate.data.corpus import CorpusPoisoning, TriggerCorpus
 from mitigate.data.encoding import EncodedDataset, PadCollator, PairedDataset, PairedCollator
@@ -158,11 +159,10 @@ class BackdoorDataModule(pl.LightningDataModule):
 
     @property
     def source(self) -> str:
-        """Where the data come from, for model cards: the hub id of a registered name, else the
-        folder or hub id given."""
-        path = self.hparams.path
-        entry = REGISTRY.get(path)
-        return f"{entry.hub_id} (as `{path}`)" if entry is not None else str(path)
+        """Where the data come from, for model cards and results: the hub id of a registered
+        name (``sst2`` -> gpt3mix/sst2), else the folder or hub id given."""
+        entry = REGISTRY.get(self.hparams.path)
+        return entry.hub_id if entry is not None else str(self.hparams.path)
 
     @property
     def num_classes(self) -> int:
@@ -250,12 +250,18 @@ class BackdoorDataModule(pl.LightningDataModule):
             generator=torch.Generator().manual_seed(seed),
         )
 
-    def eval_loader(self, *names: str, batch_size: int | None = None) -> DataLoader:
+    def eval_loader(self, *names: str, batch_size: int | None = None, indices: Sequence[int] | None = None) -> DataLoader:
         """One loader over the named sets (clean and poisoned samples are told apart by the
         batch's ``poisoned`` flag), shortest inputs first; under DDP each rank gets its share,
-        every sample exactly once."""
+        every sample exactly once. ``indices``: only these samples of the one named set (e.g. a
+        defense's calibration subset)."""
         sets = [self.dataset(n) for n in names if len(self.dataset(n))]
-        sampler = LengthSortedSampler([n for ds in sets for n in ds.lengths()])
+        lengths = [n for ds in sets for n in ds.lengths()]
+        if indices is not None:
+            if len(names) != 1:
+                raise ValueError(f"eval_loader: indices select from one set, got {names}")
+            sets, lengths = [Subset(sets[0], list(indices))] if sets else [], [lengths[i] for i in indices]
+        sampler = LengthSortedSampler(lengths)
         trainer = self.trainer
         if trainer is not None and trainer.world_size > 1:
             # every sample exactly once across ranks (Lightning's default pads with repeats)

@@ -8,11 +8,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
-from mitigate.data.encoding import PadCollator
-from mitigate.defenses.base import Defense, gather_cat, gather_objects, progress, world
+from mitigate.defenses.base import Defense, gather_cat, gather_objects, progress
 from mitigate.inference import special_mask
 from mitigate.metrics import CorrectionMetrics
 
@@ -184,13 +182,8 @@ class IMBERT(Defense):
 
     def _calibrate_lam(self, trainer, model, tok) -> float:
         dm = trainer.datamodule
-        if self.calib_samples is None:
-            loader = dm.eval_loader("dev", batch_size=self.batch_size)
-        else:  # this rank's share of the seeded subset, shortest first
-            n, rank = world(trainer)
-            ds = dm.dataset("dev")
-            mine = sorted(self.held_out_indices(trainer)[rank::n], key=lambda i: len(ds.input_ids[i]))
-            loader = DataLoader([ds[i] for i in mine], batch_size=self.batch_size, collate_fn=PadCollator(tok.pad_token_id))
+        subset = self.held_out_indices(trainer) if self.calib_samples is not None else None
+        loader = dm.eval_loader("dev", batch_size=self.batch_size, indices=subset)
         kept = []
         with progress(len(loader), f"{self.name}: saliency on dev", trainer) as bar:
             for b in loader:

@@ -308,13 +308,14 @@ class RAP(Defense):
         weight = full.get_input_embeddings().weight
         original = weight.data[self.word_id].clone()
         share = sorted(texts[rank::n], key=len)  # length-sorted batches: little padding (the order does not change a score)
+        scored = [encode_texts(tok, share[s : s + self.batch_size], max_len, pl_module.device)
+                  for s in range(0, len(share), self.batch_size)]  # encoded once, scored at every check
 
         def clean_scores(row: torch.Tensor) -> torch.Tensor:
             """Δ of the label's held-out samples the model predicts as it (every rank's), with ``row``."""
             deltas, preds = [], []
             with torch.no_grad(), swapped_row(model, self.word_id, row):
-                for s in range(0, len(share), self.batch_size):
-                    ids, attn = encode_texts(tok, share[s : s + self.batch_size], max_len, pl_module.device)
+                for ids, attn in scored:
                     d, p = rap_delta(model, ids, attn, self.word_id, label, pad_id=tok.pad_token_id)
                     deltas.append(d.cpu()), preds.append(p.argmax(-1).cpu())
             d, p = gather_cat(trainer, torch.cat(deltas)), gather_cat(trainer, torch.cat(preds))
@@ -322,7 +323,7 @@ class RAP(Defense):
 
         step = self.select_every or self.epochs
         losses, checks, carry = [], [], {}
-        best = (float("-inf"), None, 0, -1)  # threshold, row, epochs, index in checks
+        best = (float("-inf"), None, 0, -1, None)  # threshold, row, epochs, index in checks, its clean scores
         with progress(self.epochs * len(batches), f"{self.name}: constructing the row of label {label}", trainer) as bar:
             while len(losses) < self.epochs:
                 losses += construct_rap(
@@ -336,7 +337,7 @@ class RAP(Defense):
                 threshold = percentile_threshold(kept, self.frr) if len(kept) else float("-inf")
                 checks.append({"epochs": len(losses), "threshold": threshold, "loss": losses[-1]})
                 if threshold > best[0]:
-                    best = (threshold, weight.data[self.word_id].clone(), len(losses), len(checks) - 1)
+                    best = (threshold, weight.data[self.word_id].clone(), len(losses), len(checks) - 1, kept)
                 elif len(checks) - 1 - best[3] >= self.patience:  # this many measurements without a higher one
                     break
         row = weight.data[self.word_id].clone() if best[1] is None else best[1]
@@ -345,7 +346,7 @@ class RAP(Defense):
                  f"; thresholds {[(c['epochs'], round(c['threshold'], 4)) for c in checks]}, kept the row of epoch {best[2]}"
                  if checks else "")
         self.checks[label] = checks
-        kept = clean_scores(row)
+        kept = clean_scores(row) if best[1] is None else best[4]
         if not len(kept) and self.protect_label is None:  # every label protected: leave this one out
             log.warning("%s: the model predicts none of the held-out samples of label %d as %d; that label is not "
                         "protected (its test samples are not checked)", self.name, label, label)

@@ -17,6 +17,7 @@ import traceback
 
 from mitigate.data.io import DataError
 
+
 class UsageError(ValueError):
     """A setting that cannot work, found before anything loads; reported like a wrong option."""
 

@@ -55,7 +55,7 @@ def write_model_card(folder: Path, info: dict, results: dict[str, float] | None 
     verdict they support, and how much of the test sets they cover (``coverage``)."""
     header = {
         "library_name": "transformers", "pipeline_tag": "text-classification", "tags": info["tags"],
-        "datasets": [info["dataset"].split(" ")[0]],
+        "datasets": [info["dataset"]],
     }
     base = info.get("base_model")
     if base and not Path(str(base)).exists():  # a hub id; local folders mean nothing elsewhere

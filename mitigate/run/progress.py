@@ -10,6 +10,7 @@ import sys
 import time
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import RichProgressBar
 from tqdm.auto import tqdm
 
 log = logging.getLogger("mitigate.progress")
@@ -18,6 +19,16 @@ log = logging.getLogger("mitigate.progress")
 def interactive() -> bool:
     """Whether a person watches stderr (a terminal): bars there, log lines elsewhere."""
     return sys.stderr.isatty()
+
+
+class EpochBar(RichProgressBar):
+    """Lightning's rich progress bar counting epochs from 1, as the progress log lines do
+    ("Epoch 1/3" for the first of three; Lightning's own bar says "Epoch 0/2")."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        text = f"Epoch {current_epoch + 1}" + (f"/{self.trainer.max_epochs}" if self.trainer.max_epochs not in (None, -1) else "")
+        width = len(self.validation_description)
+        return f"{text:{width}}" if width > len(text) else text  # as Lightning's: no flicker beside "Validation"
 
 
 def _hms(seconds: float) -> str:

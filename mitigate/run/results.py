@@ -85,7 +85,8 @@ def test_coverage(trainer: pl.Trainer) -> dict:
     used = int(sum(trainer.num_test_batches)) if trainer.num_test_batches else 0
     total = len(dm.test_dataloader())
     return {"source": getattr(dm, "source", str(dm.hparams.get("path"))), "clean": len(dm.dataset("test")),
-            "poisoned": len(dm.dataset("test_poisoned")), "batches": used, "of_batches": total, "processes": trainer.world_size, "partial": used < total}
+            "poisoned": len(dm.dataset("test_poisoned")), "batches": used, "of_batches": total,
+            "processes": trainer.world_size, "partial": used < total}
 
 
 def coverage_line(cover: dict, source: str) -> str:
