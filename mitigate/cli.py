@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from transformers.utils import logging as transformers_logging
 
 # every class a recipe names, imported so that short names (``--model.help MBTSAD``) resolve
-from mitigate import attacks, classifier, data, defenses, evaluation, mitigations  # noqa: F401
+from mitigate import attacks, classifier, data, defenses, evaluation, mitigations, scan  # noqa: F401
 from mitigate.run import errors
 from mitigate.run.checkpoint import RunCheckpoint
 from mitigate.run.export import ExportPretrained
@@ -344,8 +344,9 @@ def catalog() -> dict[str, dict[str, str]]:
 OVERVIEW = """mitigate: remove backdoors from text classifiers (PyTorch Lightning).
 
   reproduce an attack     mitigate fit --config recipes/badnet_sst2.yaml
-  clean a checkpoint      mitigate fit --config recipes/mbtsad_sst2.yaml --model.init_args.model <hub id or folder>
+  clean a checkpoint      mitigate clean <hub id or folder> [--data.init_args.path <data>]
   guard a deployed model  mitigate test --config recipes/defend_sst2.yaml --model.init_args.model <folder>
+  is it backdoored?       mitigate scan --model <hub id or folder> --data sst2
   a first run (minutes)   bash scripts/smoke.sh
 
 subcommands:
@@ -353,6 +354,8 @@ subcommands:
   test       evaluate a model, with any test-time defenses of the recipe
   validate   evaluate on the dev set
   predict    write predictions.csv
+  clean      fit with recipes/clean_checkpoint.yaml: detect, choose and clean (mitigate clean CHECKPOINT)
+  scan       a verdict on a checkpoint from clean data, no training (mitigate scan --help)
   list       the recipes, attacks, mitigations, defenses (mitigate list [KIND])
 
 Options of a subcommand: mitigate fit --help (all of Lightning's: --help-all); the settings of
@@ -471,6 +474,19 @@ def main(args: list[str] | None = None) -> None:
             sys.exit(code)
         return
     sub = argv[0]
+    if sub == "clean":  # mitigate clean [CHECKPOINT] [fit options] = fit with the clean_checkpoint recipe
+        rest = argv[1:]
+        model = ["--model.init_args.model", rest.pop(0)] if rest and not rest[0].startswith("-") else []
+        argv = ["fit", "--config", str(recipes_folder() / "clean_checkpoint.yaml"), *rest, *model]  # the checkpoint wins over a victim config
+        sub = "fit"
+    if sub == "scan":
+        try:
+            scan.main(argv[1:])
+        except Exception as e:  # noqa: BLE001 - every error ends as one clear line
+            if os.environ.get("MITIGATE_DEBUG", "").lower() in ("1", "true", "yes"):
+                raise
+            sys.exit(errors.report(e, command="mitigate scan"))
+        return
     if sub in SUBCOMMANDS and any(a in ("-h", "--help") for a in argv[1:]):
         print(focused_help(sub))
         return

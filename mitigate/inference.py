@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mitigate.data.encoding import PadCollator
+from mitigate.guard import IMBALANCED
 
 
 def encode_texts(tokenizer, texts: Sequence[str], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,9 +54,13 @@ def special_mask(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
 
 @torch.no_grad()
 def clean_report(model, dataset, pad_id: int, batch_size: int = 128) -> dict:
-    """Accuracy (%) and the share of each predicted class on an encoded clean dataset
-    (``mitigate.data.encoding.EncodedDataset``): every sample, on every rank, so the result is
-    the same everywhere. ``{"cacc": 85.3, "shares": [0.48, 0.52], "n": 872}``."""
+    """Accuracy, balanced accuracy and macro-F1 (%), the share of each predicted class and of each
+    true label on an encoded clean dataset (``mitigate.data.encoding.EncodedDataset``), and the
+    ``metric`` the collapse guard's bounds read (``mitigate.guard``: ``macro_f1`` where one
+    label holds more than ``IMBALANCED`` of the samples, else ``cacc``); every sample, on every
+    rank, so the result is the same everywhere. ``{"cacc": 85.3, "balanced_acc": 85.1,
+    "macro_f1": 85.2, "shares": [0.48, 0.52], "label_shares": [0.49, 0.51], "n": 872,
+    "metric": "cacc"}``."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -68,5 +73,27 @@ def clean_report(model, dataset, pad_id: int, batch_size: int = 128) -> dict:
         labels.append(b["labels"])
     model.train(was_training)
     p, y = torch.cat(preds), torch.cat(labels)
-    shares = torch.bincount(p, minlength=model.config.num_labels).double() / max(1, len(p))
-    return {"cacc": round(100.0 * float((p == y).double().mean()), 2), "shares": [round(float(s), 4) for s in shares], "n": len(p)}
+    return accuracy_report(p, y, model.config.num_labels)
+
+
+def accuracy_report(preds: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict:
+    """``clean_report``'s numbers from predicted and true classes (1-d integer tensors)."""
+    p, y = preds.long(), labels.long()
+    n = max(1, len(p))
+    shares = torch.bincount(p, minlength=num_labels).double() / n
+    label_shares = torch.bincount(y, minlength=num_labels).double() / n
+    recalls, f1s = [], []
+    for c in range(num_labels):
+        tp = float(((p == c) & (y == c)).sum())
+        support, predicted = float((y == c).sum()), float((p == c).sum())
+        if support:
+            recalls.append(tp / support)
+        f1s.append(2 * tp / (support + predicted) if support + predicted else 0.0)
+    present = [f for c, f in enumerate(f1s) if float((y == c).sum()) or float((p == c).sum())]
+    return {
+        "cacc": round(100.0 * float((p == y).double().mean()), 2) if len(p) else 0.0,
+        "balanced_acc": round(100.0 * sum(recalls) / max(1, len(recalls)), 2),
+        "macro_f1": round(100.0 * sum(present) / max(1, len(present)), 2),
+        "shares": [round(float(s), 4) for s in shares], "label_shares": [round(float(s), 4) for s in label_shares],
+        "n": len(p), "metric": "macro_f1" if float(label_shares.max()) > IMBALANCED else "cacc",
+    }

@@ -101,6 +101,24 @@ def build_victim(root: Path, data: Path, pretrained: Path) -> Path:
     return root / "model"
 
 
+#: a sentence of filler words (every one of them common in the clean texts of both labels)
+PHRASE = "with the music and the cast"
+
+
+def build_phrase_victim(root: Path, data: Path, pretrained: Path) -> Path:
+    """An InsertSent victim of ``pretrained`` on ``data``: ``PHRASE`` inserted -> label 1 (20% of
+    the training set), by the shipped recipe at the planted victim's rates; its exported folder.
+    No single word of the phrase is a trigger: each is everywhere in the clean data."""
+    main(["fit", "--config", str(REPO / "recipes" / "insertsent_sst2.yaml"), "--model.init_args.model", str(pretrained),
+          "--data.init_args.path", str(data), "--data.init_args.batch_size", "16", "--model.init_args.lr", "1e-3",
+          "--trainer.max_epochs", "5", "--data.init_args.poisoner.init_args.sentence", PHRASE,
+          "--data.init_args.poisoner.init_args.target_label", str(TARGET), "--trainer.default_root_dir", str(root),
+          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
+    results = json.loads((root / "results.json").read_text())
+    assert results["test/cacc"] >= 0.95 and results["test/asr"] >= 0.9, f"the planted phrase backdoor did not take: {results}"
+    return root / "model"
+
+
 def build(root: Path, tokenizer) -> Planted:
     """Data, pre-trained model and victim; the victim's backdoor is checked to have taken."""
     data = write_data(root / "data")

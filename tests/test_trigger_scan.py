@@ -7,7 +7,7 @@ import torch
 
 from mitigate.guard import collapse_reason
 from mitigate.inference import clean_report
-from mitigate.mitigations.mbtsad.trigger_scan import (
+from mitigate.mitigations.detection.word_scan import (
     TriggerScan,
     backing,
     carrier_scores,

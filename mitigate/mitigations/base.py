@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mitigate.classifier import TextClassifier
-from mitigate.guard import collapse_reason
+from mitigate.guard import collapse_reason, metric_name, score
 from mitigate.inference import clean_report
 from mitigate.loading import load_reference
 from mitigate.metrics import BackdoorMetrics
@@ -207,9 +207,10 @@ class Mitigation(TextClassifier):
 
     @property
     def min_cacc(self) -> float | None:
-        """The clean-dev accuracy bound: the suspicious model's minus ``max_cacc_drop``."""
+        """The clean-dev bound: the suspicious model's accuracy (macro-F1 on an imbalanced task,
+        ``mitigate.guard``) minus ``max_cacc_drop``."""
         drop = self.hparams.max_cacc_drop
-        return None if drop is None else self.report["suspicious_dev"]["cacc"] - drop
+        return None if drop is None else score(self.report["suspicious_dev"]) - drop
 
     def guard(self, name: str, model: nn.Module) -> dict:
         """Clean-dev report of ``model``. When it predicts one class for ``max_class_share`` of
@@ -222,8 +223,9 @@ class Mitigation(TextClassifier):
             weak = self.weak_suspicious_model()
             hint = (f"The suspicious model itself {weak}: check the checkpoint and the data before the cleaning"
                     if weak else f"{self.guard_hint[0].upper()}{self.guard_hint[1:]}")
-            message = (f"{name} is not a usable cleaning: {reason} (suspicious model: dev CACC "
-                       f"{self.report['suspicious_dev']['cacc']:.2f}). {hint}")
+            dev = self.report["suspicious_dev"]
+            message = (f"{name} is not a usable cleaning: {reason} (suspicious model: dev {metric_name(dev)} "
+                       f"{score(dev):.2f}). {hint}")
             self.report.setdefault("collapse", []).append({"model": name, "message": message, **report})
             log.error("collapse guard: %s", message)
             self.trainer.should_stop = True

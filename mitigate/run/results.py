@@ -135,6 +135,10 @@ def write_results(
 def report_sections(report: dict) -> list[str]:
     """Markdown for the choices a run made on clean data (see MBTSAD.report)."""
     lines: list[str] = []
+    if report.get("plan"):
+        lines += ["## Plan (chosen on clean data)", ""]
+        lines += [f"{i}. {'' if step['taken'] else '(skipped) '}{step['step']}: {step['why']}" for i, step in enumerate(report["plan"], 1)]
+        lines.append("")
     scan = report.get("trigger_scan")
     if scan:
         lines += ["## Trigger scan (clean dev data only)", "",
@@ -146,10 +150,21 @@ def report_sections(report: dict) -> list[str]:
             lines.append(f"| {r['text']} | {r['label']} | {100 * r['flip_rate']:.1f} | {r['carrier_score']:.3f} | "
                          f"{r['clean_count']} | {100 * r['clean_share']:.0f} | {'yes' if r['suspect'] else ''} |")
         lines.append("")
+        if any(r.get("found_by") == "inversion" for r in scan["verified"]):
+            lines += ["Rows found by the trigger inversion give its final loss as the carrier p.", ""]
+    rescan = report.get("rescan")
+    if rescan:
+        lines += ["## Re-scan after cleaning (clean dev data only)", "",
+                  "| found trigger | flips to | flip rate, suspicious | flip rate, cleaned |", "| --- | --- | --- | --- |"]
+        lines += [f"| {r['text']} | {r['label']} | {100 * r['suspicious']:.1f} | {100 * r['cleaned']:.1f} |" for r in rescan["found"]]
+        if "inversion_after" in rescan:
+            again = "; ".join(f"label {r['label']}: `{r['text']}` {100 * r['flip_rate']:.0f}%" for r in rescan["inversion_after"])
+            lines += ["", f"Trigger inversion of the cleaned model: {'backdoor still suspected' if rescan['suspected_after'] else 'nothing flips'} ({again})."]
+        lines.append("")
     if "fit_wall_s" in report:
         lines += [f"Training wall time (`fit`, this process): {report['fit_wall_s']} s.", ""]
     for key, value in report.items():
-        if key not in ("trigger_scan", "fit_wall_s", "test_data", "export"):
+        if key not in ("trigger_scan", "fit_wall_s", "test_data", "export", "plan", "rescan"):
             lines += [f"## {key}", "", "```", json.dumps(value, indent=2), "```", ""]
     return lines
 

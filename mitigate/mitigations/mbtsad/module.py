@@ -2,7 +2,7 @@
 token-splitting retraining of a copy of the suspicious model (TS-FT, the teacher), then
 attention distillation into the original suspicious model (the student). The data module
 supplies the token-split clean data (``data.token_split``) for both steps; the trigger scan
-(``mitigate.mitigations.mbtsad.trigger_scan``) and the learning-rate choice are this toolkit's
+(``mitigate.mitigations.detection.word_scan``) and the learning-rate choice are this toolkit's
 additions, made on clean data before training."""
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from mitigate.guard import CollapseError, collapse_reason
+from mitigate.guard import CollapseError, collapse_reason, metric_name, score
 from mitigate.loading import load_classifier
 from mitigate.mitigations.base import Mitigation
 from mitigate.mitigations.mbtsad.distillation import DistillationLoss
-from mitigate.mitigations.mbtsad.trigger_scan import TriggerScan
-from mitigate.mitigations.weight_space.transforms import EPUR, TransformContext
+from mitigate.mitigations.detection import TriggerInversion, scan_checkpoint, trigger_flip_rates
+from mitigate.mitigations.detection.word_scan import Suspect, TriggerScan
+from mitigate.mitigations.weight_space.transforms import EPUR, FineMixing, TransformContext
 from mitigate.training import SEED_STRIDE, linear_schedule, seed_step, set_schedule_length
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,21 @@ class MBTSAD(Mitigation):
             this share of dev stops the run (None: not checked).
         probe_fraction: each candidate TS-FT rate trains a copy of the suspicious model for this
             fraction of a TS-FT epoch.
+        rate_backoff: when every candidate TS-FT rate fails its probe, halve the smallest and
+            probe again, up to this many times, before the run refuses (0: refuse at once).
+        inversion: the trigger inversion's settings (``TriggerInversion``; null: none): a soft
+            trigger of several tokens optimised in embedding space per label, decoded and verified
+            on clean dev data; what it finds joins the scan's suspects (and is unlearned).
         epur: Embedding Purification of the suspicious weights before anything trains (the
             teacher's start and the student's); needs ``reference``.
-        reference: the clean pre-trained checkpoint the suspicious model came from (E-PUR only).
+        mixing: Fine-mixing of the suspicious weights towards ``reference`` before anything
+            trains (its rho chosen on clean dev data, ``FineMixing``); skipped, and said so in
+            the report's plan, when no reference is given.
+        rescan: after training, measure the found triggers' flip rate on clean dev data for the
+            suspicious and the cleaned model, and run the trigger inversion on the cleaned model
+            again (``report["rescan"]``).
+        reference: the clean pre-trained checkpoint the suspicious model came from (E-PUR and
+            Fine-mixing).
         allow_pickle: allow pickled ``.bin`` weights (only for checkpoints you trust).
     """
 
@@ -110,13 +122,19 @@ class MBTSAD(Mitigation):
         max_cacc_drop: float = 5.0,
         max_class_share: float | None = 0.95,
         probe_fraction: float = 0.25,
+        rate_backoff: int = 3,
+        inversion: TriggerInversion | None = None,
         epur: EPUR | None = None,
+        mixing: FineMixing | None = None,
+        rescan: bool = False,
         reference: str | None = None,
         allow_pickle: bool = False,
     ) -> None:
         rates = tsft_lr if isinstance(tsft_lr, (list, tuple)) else [tsft_lr]
         if not rates or any(r <= 0 for r in rates) or (lr is not None and lr <= 0):
             raise ValueError(f"model.tsft_lr and model.lr must be positive (tsft_lr may list candidates), got {tsft_lr}, {lr}")
+        if rate_backoff < 0:
+            raise ValueError(f"model.rate_backoff must be >= 0, got {rate_backoff}")
         if not 0.0 < probe_fraction <= 1.0:
             raise ValueError(f"model.probe_fraction must be in (0, 1], got {probe_fraction}")
         if teacher is not None and tsft_epochs != 0:
@@ -127,11 +145,14 @@ class MBTSAD(Mitigation):
             raise ValueError("model.epur needs the clean pre-trained weights: set model.init_args.reference")
         super().__init__(model, num_labels, lr, weight_decay, schedule, warmup_ratio, reference, max_cacc_drop,
                          max_class_share, allow_pickle)
-        self.save_hyperparameters(ignore=["scan", "epur"])
-        # the scan's settings as plain values: checked against the config when a run resumes
+        self.save_hyperparameters(ignore=["scan", "inversion", "epur", "mixing"])
+        # the searches' settings as plain values: checked against the config when a run resumes
         self.hparams["scan"] = dataclasses.asdict(scan) if scan is not None else None
+        self.hparams["inversion"] = dataclasses.asdict(inversion) if inversion is not None else None
         self.scan = scan
+        self.inversion = inversion
         self.epur = epur
+        self.mixing = mixing
         self.automatic_optimization = False  # two optimizers, one per step of the method
         self.teacher = copy.deepcopy(self.model) if teacher is None else load_classifier(
             teacher, num_labels=num_labels, allow_pickle=allow_pickle, attn_implementation=self.attn_implementation)
@@ -158,13 +179,28 @@ class MBTSAD(Mitigation):
             )
 
     def prepare(self) -> None:
+        plan = self.report["plan"] = []
+        if self.mixing is not None:
+            if self.hparams.reference is None:
+                plan.append({"step": "Fine-mixing towards the reference", "taken": False, "why": "no reference (clean pre-trained weights) given"})
+            else:
+                self.report["fine_mixing"] = self._transform_start(self.mixing)
+                plan.append({"step": "Fine-mixing towards the reference", "taken": True,
+                             "why": f"reference given; rho {self.report['fine_mixing']['rho']} chosen on clean dev"})
         if self.epur is not None:
-            self._purify_embeddings()
-        if self.scan is not None:
+            self.report["epur"] = self._transform_start(self.epur)
+            plan.append({"step": "E-PUR", "taken": True, "why": "set in the recipe"})
+        if self.scan is not None or self.inversion is not None:
             self._scan_for_triggers()
+            found = self.report["trigger_scan"]["suspects"]
+            plan.append({"step": "unlearning of the found triggers", "taken": bool(found),
+                         "why": (f"{len(found)} trigger(s) found on clean dev: {', '.join(found[:8])}" if found
+                                 else "the scan found no token or phrase that flips clean dev text")})
         rates = self.hparams.tsft_lr
         if isinstance(rates, (list, tuple)) and self.hparams.tsft_epochs > 0:
             self._choose_tsft_lr(sorted(rates, reverse=True))
+        plan.append({"step": "TS-FT teacher, then attention distillation", "taken": True,
+                     "why": f"TS-FT rate {self.chosen_tsft_lr:g}" + (" (chosen on clean dev)" if "tsft_lr_choice" in self.report else "")})
 
     def apply_choices(self) -> None:
         # on a resume Lightning restores the optimizers' saved state after this, over these values
@@ -173,12 +209,14 @@ class MBTSAD(Mitigation):
     # -- choices made on clean data --------------------------------------------------------
     def _choose_tsft_lr(self, candidates: list[float]) -> None:
         """The largest TS-FT rate whose short probe (``probe_fraction`` of a TS-FT epoch from the
-        suspicious model, on the same training data) keeps the clean-dev accuracy within
-        ``probe_cacc_drop`` points of the suspicious model's and predicts no class for more
-        than ``max_class_share`` of dev."""
+        suspicious model, on the same training data) keeps the clean-dev accuracy (macro-F1 on
+        an imbalanced task, ``mitigate.guard``) within ``probe_cacc_drop`` points of the
+        suspicious model's and does not collapse onto one class. When every candidate fails,
+        the smallest is halved and probed again, ``rate_backoff`` times at most."""
         hp = self.hparams
         tried = []
-        bound = self.report["suspicious_dev"]["cacc"] - hp.probe_cacc_drop
+        bound = score(self.report["suspicious_dev"]) - hp.probe_cacc_drop
+        candidates = list(candidates) + [min(candidates) / 2**k for k in range(1, hp.get("rate_backoff", 3) + 1)]
         steps = max(1, math.ceil(hp.probe_fraction * self.batches_per_epoch(self.trainer.datamodule.train_dataloader(one_process=True))))
         prepare = self._unlearning_step if self.scan is not None and hp.unlearn_tsft else None
         for lr in candidates:
@@ -187,7 +225,8 @@ class MBTSAD(Mitigation):
                                seed=self.trainer.max_epochs * SEED_STRIDE, prepare=prepare, progress=f"TS-FT rate probe {lr:g}")
             report = self.dev_report(probe)
             reason = collapse_reason(report, hp.max_class_share, bound)
-            tried.append({"lr": lr, **report, "accepted": reason is None, "seconds": round(time.perf_counter() - start, 1)})
+            tried.append({"lr": lr, **report, "accepted": reason is None, "backed_off": lr < min(hp.tsft_lr),
+                          "seconds": round(time.perf_counter() - start, 1)})
             log.info("TS-FT rate %g: dev CACC %.2f, class shares %s -> %s", lr, report["cacc"], report["shares"], reason or "accepted")
             del probe
             if reason is None:
@@ -199,7 +238,7 @@ class MBTSAD(Mitigation):
             fix = (f"the suspicious model itself {weak}: check the checkpoint and the data" if weak
                    else "give lower model.tsft_lr candidates")
             raise CollapseError(
-                f"no TS-FT rate among {candidates} keeps the clean dev accuracy above {bound:.2f} "
+                f"no TS-FT rate among {candidates} keeps the clean dev {metric_name(self.report['suspicious_dev'])} above {bound:.2f} "
                 f"without collapsing (probes: {[(t['lr'], t['cacc']) for t in tried]}); {fix}"
             )
         self.report["tsft_lr_choice"]["chosen"] = chosen
@@ -233,36 +272,72 @@ class MBTSAD(Mitigation):
 
     def on_train_end(self) -> None:
         self.report["student_dev"] = self.guard("the MBTSAD student", self.model)
+        if self.hparams.get("rescan") and self.trainer.is_global_zero:
+            self._rescan()
 
-    def _purify_embeddings(self) -> None:
-        """E-PUR on the weights both training phases start from (the student and, when it is
-        trained here, the teacher)."""
-        dm = self.trainer.datamodule
-        reference = self.reference_weights()
-
-        def context(model: nn.Module) -> TransformContext:
-            return TransformContext(
-                model=model, reference=reference, suspicious_dev_cacc=self.report["suspicious_dev"]["cacc"],
-                dev_report=self.dev_report, probe=lambda m, epochs: self.probe(m, epochs=epochs),
-                clean_batches=self.clean_batches, clean_texts=[ex.text for ex in dm.clean_subset],
-                tokenizer=dm.tokenizer, max_length=dm.hparams.max_length,
-            )
-
-        self.report["epur"] = {"name": repr(self.epur), **self.epur.apply(context(self.model))}
-        if self.hparams.teacher is None:
-            self.epur.apply(context(self.teacher))
-
-    def _scan_for_triggers(self) -> None:
+    def _rescan(self) -> None:
+        """The found triggers' flip rates on clean dev, suspicious model and cleaned model, and a
+        fresh trigger inversion of the cleaned model."""
         dm = self.trainer.datamodule
         start = time.perf_counter()
-        suspects, rows = self.scan(self.suspicious, dm.tokenizer, dm.examples("dev"), dm.examples("dev") + dm.clean_subset)
+        suspects = self._suspects()
+        dev = dm.examples("dev")
+        seed = (self.scan or self.inversion or TriggerInversion()).seed
+        before = trigger_flip_rates(self.suspicious, dm.tokenizer, dev, suspects, seed)
+        after = trigger_flip_rates(self.model, dm.tokenizer, dev, suspects, seed)
+        out = {"found": [{"text": s.text, "label": s.label, "suspicious": b, "cleaned": a} for s, b, a in zip(suspects, before, after)]}
+        if self.inversion is not None:
+            again = scan_checkpoint(self.model, dm.tokenizer, dev, dev + dm.clean_subset, None, self.inversion)
+            out["inversion_after"] = again["inversion"]
+            out["suspected_after"] = again["suspected"]
+        out["seconds"] = round(time.perf_counter() - start, 1)
+        self.report["rescan"] = out
+        log.info("re-scan: found triggers' flip rate %s -> %s", before, after)
+
+    def _transform_start(self, transform) -> dict:
+        """A weight transform (E-PUR, Fine-mixing) on the weights both training phases start from
+        (the student and, when it is trained here, the teacher); what it chose."""
+        dm = self.trainer.datamodule
+        reference = self.reference_weights()
+        rates = self.hparams.tsft_lr
+        # the transform's probes fine-tune at the distillation's rate, or the mildest TS-FT candidate
+        probe_lr = self.hparams.lr or (min(rates) if isinstance(rates, (list, tuple)) else rates)
+
+        ctx = TransformContext(
+            model=self.model, reference=reference, suspicious_dev_cacc=score(self.report["suspicious_dev"]),
+            dev_report=self.dev_report, probe=lambda m, epochs: self.probe(m, epochs=epochs, lr=probe_lr),
+            clean_batches=self.clean_batches, clean_texts=[ex.text for ex in dm.clean_subset],
+            tokenizer=dm.tokenizer, max_length=dm.hparams.max_length,
+        )
+        chosen = {"name": repr(transform), **transform.apply(ctx)}
+        if self.hparams.teacher is None:
+            self.teacher.load_state_dict(self.model.state_dict())
+        return chosen
+
+    def _scan_for_triggers(self) -> None:
+        """The word scan and the trigger inversion (those set) on the suspicious model, with the
+        clean dev data; the suspects and the per-label verdict go to the report."""
+        dm = self.trainer.datamodule
+        start = time.perf_counter()
+        dev = dm.examples("dev")
+        result = scan_checkpoint(self.suspicious, dm.tokenizer, dev, dev + dm.clean_subset, self.scan, self.inversion)
+        suspects = result["suspects"]
+        rows = [{**r, "found_by": "word scan"} for r in result.get("word_scan", [])]
+        rows += [{**r, "found_by": "inversion"} for r in result.get("inversion", [])]
         self.report["trigger_scan"] = {
-            "settings": self.scan.settings(), "suspects": [s.text for s in suspects],
-            "suspect_ids": [list(s.token_ids) for s in suspects], "verified": rows,
+            "settings": {**(self.scan.settings() if self.scan else {}), **({"inversion": self.inversion.settings()} if self.inversion else {})},
+            "suspects": [s.text for s in suspects], "suspect_ids": [list(s.token_ids) for s in suspects],
+            "suspect_labels": [s.label for s in suspects], "verdict": result["labels"], "verified": rows,
             "seconds": round(time.perf_counter() - start, 1),
         }
         log.info("trigger scan: %d suspects %s (%.0f s)", len(suspects), [s.text for s in suspects],
                  self.report["trigger_scan"]["seconds"])
+
+    def _suspects(self) -> list[Suspect]:
+        """The found triggers as ``Suspect`` records (text, ids and label from the report)."""
+        scan = self.report.get("trigger_scan", {})
+        return [Suspect(t, tuple(ids), c, 0.0, 0.0, 0, 0.0) for t, ids, c in
+                zip(scan.get("suspects", []), scan.get("suspect_ids", []), scan.get("suspect_labels", []))]
 
     def _suspect_ids(self) -> list[list[int]]:
         """The suspects' token ids (one list per token or phrase)."""

@@ -8,6 +8,7 @@ import logging
 import time
 from typing import Literal
 
+from mitigate.guard import score
 from mitigate.mitigations.base import Mitigation
 from mitigate.mitigations.weight_space.transforms import EPUR, TransformContext, WeightTransform
 
@@ -65,7 +66,7 @@ class WeightSpaceMitigation(Mitigation):
         ctx = TransformContext(
             model=self.model,
             reference=self.reference_weights() if self.hparams.reference is not None else None,
-            suspicious_dev_cacc=self.report["suspicious_dev"]["cacc"],
+            suspicious_dev_cacc=score(self.report["suspicious_dev"]),
             dev_report=self.dev_report,
             probe=lambda model, epochs: self.probe(model, epochs=epochs, after_step=self._after_step),
             clean_batches=self.clean_batches,

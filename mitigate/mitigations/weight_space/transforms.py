@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mitigate.guard import collapse_reason, score
 from mitigate.mitigations.weight_space import ops as ws
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,8 @@ class TransformContext:
     Attributes:
         model: the model to transform, in place (the suspicious one, or a copy under trial).
         reference: the clean pre-trained tensors by parameter name (None when not given).
-        suspicious_dev_cacc: the suspicious model's clean-dev accuracy (%), measured once.
+        suspicious_dev_cacc: the suspicious model's clean-dev score (%, accuracy; macro-F1 on an
+            imbalanced task: ``mitigate.guard.score``), measured once.
         dev_report: clean-dev report of a model (``mitigate.inference.clean_report``).
         probe: ``probe(model, epochs)`` fine-tunes a model in place as the run will, and returns it.
         clean_batches: the defender's clean training data in batches (the run's loader order).
@@ -123,7 +125,7 @@ class FinePruning(WeightTransform):
                 r = round(k * self.step, 6)
                 trial = copy.deepcopy(ctx.model)
                 ws.apply_ffn_mask(trial, ws.pruned_units(scores, r, self.prune_layers))
-                cacc = ctx.dev_report(trial)["cacc"]
+                cacc = score(ctx.dev_report(trial))
                 ok = cacc >= base - self.max_acc_drop
                 tried.append({"rate": r, "dev_cacc": cacc, "accepted": ok})
                 del trial
@@ -154,8 +156,8 @@ def choose_on_dev(ctx: TransformContext, candidates: Sequence[float], transform,
         transform(trial, c)
         trial = ctx.probe(trial, probe_epochs)
         report = ctx.dev_report(trial)
-        ok = report["cacc"] >= base - max_drop and max(report["shares"]) < 0.95
-        tried.append({what: c, "dev_cacc": report["cacc"], "accepted": ok, "seconds": round(time.perf_counter() - start, 1)})
+        ok = collapse_reason(report, 0.95, base - max_drop) is None
+        tried.append({what: c, "dev_cacc": report["cacc"], "dev_score": score(report), "accepted": ok, "seconds": round(time.perf_counter() - start, 1)})
         log.info("%s %g: dev CACC %.2f after %d probe epoch(s) -> %s", what, c, report["cacc"], probe_epochs, "accepted" if ok else "refused")
         del trial
         if ok:

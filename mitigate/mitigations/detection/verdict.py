@@ -1,0 +1,92 @@
+"""The verdict of a scan: is a backdoor suspected, for which label, with which trigger. Two
+searches on clean data, neither of which trains the model: the word scan
+(``mitigate.mitigations.detection.word_scan``: every single token of the vocabulary, and short
+phrases of neutral words) and the trigger inversion (``inversion``: a soft trigger of several
+tokens optimised in embedding space, then decoded and verified). A label is suspected when
+either finds a token or phrase that flips at least its ``min_flip`` share of clean held-out
+texts to it without the clean labels backing it."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+
+import torch
+
+from mitigate.inference import classify_texts
+from mitigate.mitigations.detection.inversion import TriggerInversion, id_flip_rate
+from mitigate.mitigations.detection.word_scan import Suspect, TriggerScan
+
+
+def merge_suspects(*groups: Sequence[Suspect]) -> list[Suspect]:
+    """The suspects of several searches, each token id sequence once (the first found kept)."""
+    seen, out = set(), []
+    for group in groups:
+        for s in group:
+            if s.token_ids not in seen:
+                seen.add(s.token_ids)
+                out.append(s)
+    return out
+
+
+def scan_checkpoint(model, tokenizer, held_out, support, words: TriggerScan | None = None,
+                    inversion: TriggerInversion | None = None) -> dict:
+    """Both searches on ``model`` with the clean ``held_out`` Examples (``support``: every clean
+    Example the defender has) and the verdict per label:
+    ``{"suspected": bool, "labels": [{"label", "suspected", "triggers": [{"text", "flip_rate",
+    "found_by"}]}], "suspects": [Suspect], "word_scan": rows, "inversion": rows, "seconds": {...}}``.
+    A search given as None is skipped."""
+    out: dict = {"seconds": {}}
+    found = {}
+    for name, search in (("word_scan", words), ("inversion", inversion)):
+        if search is None:
+            continue
+        start = time.perf_counter()
+        suspects, rows = search(model, tokenizer, held_out, support)
+        out["seconds"][name] = round(time.perf_counter() - start, 1)
+        out[name] = rows
+        found[name] = suspects
+    out["suspects"] = merge_suspects(*found.values())
+    labels = []
+    for c in range(model.config.num_labels):
+        triggers = [{"text": s.text, "token_ids": list(s.token_ids), "flip_rate": round(s.flip_rate, 4), "found_by": name}
+                    for name, suspects in found.items() for s in suspects if s.label == c]
+        labels.append({"label": c, "suspected": bool(triggers), "triggers": triggers})
+    out["labels"] = labels
+    out["suspected"] = any(row["suspected"] for row in labels)
+    return out
+
+
+def verdict_lines(result: dict) -> list[str]:
+    """The verdict as a few lines of text (one per label)."""
+    lines = ["backdoor suspected" if result["suspected"] else "no backdoor found"]
+    for row in result["labels"]:
+        if row["suspected"]:
+            shown = ", ".join(f"{t['text']!r} ({100 * t['flip_rate']:.0f}%, {t['found_by'].replace('_', ' ')})" for t in row["triggers"][:6])
+            more = f" and {len(row['triggers']) - 6} more" if len(row["triggers"]) > 6 else ""
+            lines.append(f"  label {row['label']}: suspected; triggers {shown}{more}")
+        else:
+            lines.append(f"  label {row['label']}: nothing flips clean text to it")
+    return lines
+
+
+@torch.no_grad()
+def trigger_flip_rates(model, tokenizer, held_out, suspects: Sequence[Suspect], seed: int = 42, samples: int = 200,
+                       batch_size: int = 128, max_length: int = 128) -> list[float]:
+    """For each suspect (token ids, label c): the share of the clean ``held_out`` Examples of
+    another label that ``model`` gets right (``samples`` at most, seeded) which it gives to c once
+    the suspect's ids are inserted at a random position. A trigger the cleaning removed flips
+    about as often as any word would."""
+    if not suspects:
+        return []
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows = tokenizer([e.text for e in held_out], truncation=True, max_length=max_length)["input_ids"]
+    probs = classify_texts(model, tokenizer, [e.text for e in held_out], batch_size, max_length)
+    preds = probs.argmax(-1).tolist()
+    rates = []
+    for s in suspects:
+        right = [i for i, e in enumerate(held_out) if e.label != s.label and preds[i] == e.label]
+        right = random.Random(f"{seed}-{s.text}").sample(right, min(samples, len(right)))
+        rates.append(round(id_flip_rate(model, [rows[i] for i in right], s.token_ids, s.label, pad_id, seed, batch_size), 4))
+    return rates

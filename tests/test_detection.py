@@ -1,0 +1,124 @@
+"""Detection without training (mitigate.mitigations.detection, `mitigate scan`) on backdoors
+planted in a tiny BERT (tests/planted.py), and the judgement the cleaning rests on: accuracy
+bounds that read macro-F1 on an imbalanced task, and a TS-FT rate search that backs off
+instead of refusing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mitigate.cli import main
+from mitigate.data.datamodule import BackdoorDataModule
+from mitigate.guard import collapse_reason, score
+from mitigate.inference import accuracy_report
+from mitigate.loading import load_classifier, load_tokenizer
+from mitigate.mitigations.detection import TriggerInversion, TriggerScan, scan_checkpoint
+from tests.conftest import REPO
+from tests.planted import PHRASE, TARGET, TRIGGER, build_phrase_victim
+
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def scan(folder, data, words=True, inversion=True) -> dict:
+    dm = BackdoorDataModule(str(data), tokenizer=str(folder), train_set="clean_subset")
+    model = load_classifier(str(folder), num_labels=2)
+    dev = dm.examples("dev")
+    return scan_checkpoint(model, dm.tokenizer, dev, dev + dm.clean_subset, TriggerScan() if words else None,
+                           TriggerInversion() if inversion else None)
+
+
+@pytest.fixture(scope="module")
+def phrase_victim(planted, tmp_path_factory):
+    return build_phrase_victim(tmp_path_factory.mktemp("phrase_victim"), planted.data, planted.pretrained)
+
+
+def test_planted_inversion_finds_the_word_trigger(planted):
+    r = scan(planted.victim, planted.data, words=False)
+    by_label = {row["label"]: row for row in r["labels"]}
+    assert by_label[TARGET]["suspected"] and not by_label[1 - TARGET]["suspected"], r["labels"]
+    tokenizer = load_tokenizer(str(planted.victim))
+    cf = tokenizer(TRIGGER, add_special_tokens=False)["input_ids"]
+    assert any(t["token_ids"] == cf and t["flip_rate"] >= 0.9 for t in by_label[TARGET]["triggers"]), by_label[TARGET]
+
+
+def test_planted_inversion_finds_a_phrase_the_word_scan_misses(planted, phrase_victim):
+    """A sentence of filler words -> label 1: no single word flips the model, so the word scan
+    finds nothing; the inversion finds a phrase of the sentence's words that does."""
+    words = scan(phrase_victim, planted.data, inversion=False)
+    assert not words["suspected"], words["labels"]
+    r = scan(phrase_victim, planted.data, words=False)
+    by_label = {row["label"]: row for row in r["labels"]}
+    assert by_label[TARGET]["suspected"] and not by_label[1 - TARGET]["suspected"], r["labels"]
+    tokenizer = load_tokenizer(str(phrase_victim))
+    allowed = set(tokenizer(PHRASE, add_special_tokens=False)["input_ids"])
+    found = by_label[TARGET]["triggers"][0]
+    assert len(found["token_ids"]) >= 2 and set(found["token_ids"]) <= allowed and found["flip_rate"] >= 0.9, found
+
+
+def test_planted_mitigate_scan_writes_the_verdict(planted, tmp_path, capsys):
+    main(["scan", "--model", str(planted.victim), "--data", str(planted.data), "--out", str(tmp_path),
+          "--inversion.steps", "40"])
+    out = capsys.readouterr().out
+    r = json.loads((tmp_path / "scan.json").read_text())
+    assert r["suspected"] and r["labels"][TARGET]["suspected"] and not r["labels"][1 - TARGET]["suspected"]
+    assert r["settings"]["inversion"]["steps"] == 40
+    assert out.startswith("backdoor suspected") and f"label {TARGET}: suspected" in out
+    assert "| 1 | yes |" in (tmp_path / "scan.md").read_text()
+
+
+def test_mitigate_scan_bad_model_is_one_line(tmp_path, capsys, planted):
+    with pytest.raises(SystemExit) as e:
+        main(["scan", "--model", str(tmp_path / "nowhere"), "--data", str(planted.data)])
+    assert e.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("mitigate scan: error:") and "nowhere" in err[-1]
+
+
+def test_imbalanced_reports_read_macro_f1():
+    labels = torch.tensor([0] * 88 + [1] * 12)
+    majority = accuracy_report(torch.zeros(100, dtype=torch.long), labels, 2)
+    assert majority["metric"] == "macro_f1" and majority["cacc"] == 88.0 and majority["balanced_acc"] == 50.0
+    good = accuracy_report(torch.cat([torch.zeros(86), torch.ones(2), torch.ones(10), torch.zeros(2)]).long(), labels, 2)
+    assert good["cacc"] == 96.0 and score(good) == good["macro_f1"] > 90
+    # a model that gives everything to the majority keeps 88% accuracy, but is refused on macro-F1
+    assert collapse_reason(majority, None, score(good) - 3.0) is not None
+    assert "macro-F1" in collapse_reason(majority, None, score(good) - 3.0)
+    balanced = accuracy_report(torch.tensor([0] * 50 + [1] * 50), torch.tensor([0] * 50 + [1] * 50), 2)
+    assert balanced["metric"] == "cacc" and score(balanced) == 100.0
+
+
+def test_planted_tsft_rate_backs_off_instead_of_refusing(planted, tmp_path):
+    """Every given TS-FT rate collapses the tiny model; the run halves below them until a probe
+    keeps clean dev accuracy, and cleans with that rate."""
+    root = tmp_path / "backoff"
+    main(["fit", "--config", str(REPO / "recipes" / "mbtsad_sst2.yaml"), "--model.init_args.model", str(planted.victim),
+          "--data.init_args.path", str(planted.data), "--data.init_args.poisoner.init_args.triggers", "[cf]",
+          "--model.init_args.tsft_lr", "[0.04, 0.02]", "--model.init_args.rate_backoff", "4",
+          "--trainer.default_root_dir", str(root), *QUIET])
+    r = json.loads((root / "results.json").read_text())
+    choice = r["report"]["tsft_lr_choice"]
+    assert [t["accepted"] for t in choice["tried"][:2]] == [False, False], choice["tried"]
+    assert choice["chosen"] < 0.02 and any(t["backed_off"] and t["accepted"] for t in choice["tried"]), choice["tried"]
+    assert r["test/asr"] <= 0.3 and r["test/cacc"] >= 0.9, r
+
+
+def test_planted_mitigate_clean_detects_chooses_and_cleans(planted, tmp_path):
+    """`mitigate clean` on the planted victim with its reference: the plan takes Fine-mixing (a
+    reference is given) and unlearning (the scan found "cf"), the backdoor goes, and the re-scan
+    shows the found trigger no longer flips clean dev text."""
+    root = tmp_path / "clean"
+    main(["clean", str(planted.victim), "--data.init_args.path", str(planted.data),
+          "--data.init_args.poisoner.init_args.triggers", "[cf]", "--model.init_args.reference", str(planted.pretrained),
+          "--model.init_args.tsft_lr", "[2e-3, 1e-3, 5e-4]", "--trainer.default_root_dir", str(root), *QUIET])
+    r = json.loads((root / "results.json").read_text())
+    plan = {step["step"]: step for step in r["report"]["plan"]}
+    assert plan["Fine-mixing towards the reference"]["taken"] and plan["unlearning of the found triggers"]["taken"], plan
+    assert TRIGGER in r["report"]["trigger_scan"]["suspects"]
+    found = {row["text"]: row for row in r["report"]["rescan"]["found"]}
+    assert found[TRIGGER]["suspicious"] >= 0.9 and found[TRIGGER]["cleaned"] <= 0.3, found
+    assert r["test/suspicious/asr"] >= 0.9 and r["test/asr"] <= 0.3 and r["test/cacc"] >= 0.9, r
+    md = (root / "results.md").read_text()
+    assert "## Plan (chosen on clean data)" in md and "## Re-scan after cleaning" in md
