@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
+from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, MulticlassF1Score
 
 
 class TargetShare(Metric):
@@ -42,7 +42,7 @@ class TargetShare(Metric):
 
 
 class BackdoorMetrics(torch.nn.Module):
-    """CACC = accuracy on clean samples; ASR = share of poisoned samples predicted as the
+    """CACC = accuracy on clean samples (and their macro-F1); ASR = share of poisoned samples predicted as the
     target label (poisoned evaluation samples carry the target as their label, so ASR is the
     accuracy on them); ``floor`` = the model's own ASR floor (``TargetShare``). Samples are
     routed by the batch's ``poisoned`` flag."""
@@ -50,7 +50,9 @@ class BackdoorMetrics(torch.nn.Module):
     def __init__(self, num_classes: int, prefix: str) -> None:
         super().__init__()
         acc = lambda: MulticlassAccuracy(num_classes=num_classes, average="micro")  # noqa: E731
-        self.cacc = MetricCollection({"cacc": acc()}, prefix=prefix)
+        # macro-F1 beside CACC: on an imbalanced task the majority class alone keeps CACC high
+        self.cacc = MetricCollection({"cacc": acc(), "macro_f1": MulticlassF1Score(num_classes=num_classes, average="macro")},
+                                     prefix=prefix)
         self.asr = MetricCollection({"asr": acc()}, prefix=prefix)
         self.floor = MetricCollection({"floor": TargetShare(num_classes)}, prefix=prefix)
 

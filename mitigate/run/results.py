@@ -41,7 +41,7 @@ def results_table(results: dict[str, float], row_names: dict[str, str] | None = 
     to the labels shown, and orders the rows."""
     rows = metrics_by_model(results, row_names)
     names = dict(row_names or {})
-    preferred = ["cacc", "asr", "floor", "frr", "far", "auroc", "precision", "wall_s", "samples_per_s"]
+    preferred = ["cacc", "macro_f1", "asr", "floor", "frr", "far", "auroc", "precision", "wall_s", "samples_per_s"]
     metrics = [m for m in preferred if any(m in r for r in rows.values())]
     metrics += sorted({m for r in rows.values() for m in r} - set(metrics))
     lines = ["| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
@@ -170,7 +170,7 @@ def report_sections(report: dict) -> list[str]:
 
 
 def _is_rate(key: str) -> bool:
-    return key.rsplit("/", 1)[-1] in {"cacc", "asr", "floor", "frr", "far", "acc", "auroc", "precision", "false_trigger_rate", "asr@1", "asr@3", "asr@5", "never_flipped"}
+    return key.rsplit("/", 1)[-1] in {"cacc", "macro_f1", "asr", "floor", "frr", "far", "acc", "auroc", "precision", "false_trigger_rate", "asr@1", "asr@3", "asr@5", "never_flipped"}
 
 
 def figures(results: dict[str, float], dirpath: Path, trainer: pl.Trainer | None, row_names: dict[str, str] | None) -> list[Path]:

