@@ -476,6 +476,11 @@ def main(args: list[str] | None = None) -> None:
     sub = argv[0]
     if sub == "clean":  # mitigate clean [CHECKPOINT] [fit options] = fit with the clean_checkpoint recipe
         rest = argv[1:]
+        if any(a in ("-h", "--help") for a in rest):
+            print("mitigate clean CHECKPOINT [OPTIONS] = mitigate fit --config recipes/clean_checkpoint.yaml "
+                  "--model.init_args.model CHECKPOINT [OPTIONS] (docs/clean.md); the options:\n")
+            print(focused_help("fit"))
+            return
         model = ["--model.init_args.model", rest.pop(0)] if rest and not rest[0].startswith("-") else []
         argv = ["fit", "--config", str(recipes_folder() / "clean_checkpoint.yaml"), *rest, *model]  # the checkpoint wins over a victim config
         sub = "fit"

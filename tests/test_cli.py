@@ -36,7 +36,7 @@ def test_fit_writes_results_checkpoints_config_and_export(tmp_path, tiny_bert, s
     assert set(results) >= {"test/cacc", "test/asr"}
     assert all(0.0 <= results[k] <= 1.0 for k in ("test/cacc", "test/asr"))
     table = (root / "results.md").read_text()
-    assert "| model | cacc | asr | floor |" in table and f"| victim | {100 * results['test/cacc']:.2f} |" in table
+    assert "| model | cacc | macro_f1 | asr | floor |" in table and f"| victim | {100 * results['test/cacc']:.2f} |" in table
     assert "Tested on 64 clean + " in table and "partial" not in table
     # last.ckpt is the final state (2 epochs of 8 steps), though the step checkpoints (every
     # 50 steps by default) never fired

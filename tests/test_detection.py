@@ -122,3 +122,14 @@ def test_planted_mitigate_clean_detects_chooses_and_cleans(planted, tmp_path):
     assert r["test/suspicious/asr"] >= 0.9 and r["test/asr"] <= 0.3 and r["test/cacc"] >= 0.9, r
     md = (root / "results.md").read_text()
     assert "## Plan (chosen on clean data)" in md and "## Re-scan after cleaning" in md
+
+
+def test_clean_and_scan_are_listed_and_helped(capsys):
+    main(["--help"])
+    overview = capsys.readouterr().out
+    assert "mitigate scan --model" in overview and "mitigate clean <hub id or folder>" in overview
+    main(["clean", "--help"])
+    assert "recipes/clean_checkpoint.yaml" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["scan", "--help"])
+    assert "--inversion" in capsys.readouterr().out
