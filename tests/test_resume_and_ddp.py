@@ -134,7 +134,7 @@ def test_ddp_two_processes_match_one(tmp_path, tiny_bert, sst2_small):
     run_mitigate(test_args(tmp_path / "single", "--trainer.devices", "1"))
     run_mitigate(test_args(tmp_path / "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp"))
     single, ddp = results(tmp_path / "single"), results(tmp_path / "ddp")
-    assert set(single) == {"test/cacc", "test/asr", "test/floor", "report"}
+    assert set(single) == {"test/cacc", "test/macro_f1", "test/asr", "test/floor", "report"}
     cover = single.pop("report")["test_data"]
     per_rank = -(-cover["batches"] // 2)  # each rank tests its half of the batches
     assert ddp.pop("report")["test_data"] == {**cover, "batches": per_rank, "of_batches": per_rank, "processes": 2}
