@@ -41,6 +41,7 @@ def run_scan(
     inversion: TriggerInversion | None = None,
     threads: int | None = None,
     allow_pickle: bool = False,
+    remove_prior: bool = True,
 ) -> dict:
     """Scan ``model`` for a backdoor with clean data and write the verdict.
 
@@ -58,6 +59,9 @@ def run_scan(
         inversion: the trigger inversion's settings (``TriggerInversion``; its defaults).
         threads: CPU threads for torch (default: torch's).
         allow_pickle: allow pickled ``.bin`` weights (only for checkpoints you trust).
+        remove_prior: read the model's decisions with the clean data's class shares removed from
+            its logits (logit adjustment), so that an imbalanced task's prior is not taken for a
+            trigger; false: the raw decisions.
     """
     start = time.perf_counter()
     if threads:
@@ -71,7 +75,7 @@ def run_scan(
     held_out = dm.examples("dev")
     words = words if words is not None else TriggerScan()
     inversion = inversion if inversion is not None else TriggerInversion()
-    result = scan_checkpoint(net, dm.tokenizer, held_out, held_out + dm.clean_subset, words, inversion)
+    result = scan_checkpoint(net, dm.tokenizer, held_out, held_out + dm.clean_subset, words, inversion, remove_prior)
     result["suspects"] = [s.as_dict() for s in result["suspects"]]
     result.update(model=model, data=data, held_out=len(held_out), support=len(held_out) + len(dm.clean_subset),
                   settings={"words": words.settings(), "inversion": inversion.settings()},
@@ -91,7 +95,9 @@ def scan_markdown(result: dict) -> str:
     """scan.md: the verdict, then one table row per label."""
     lines = [f"# Backdoor scan of `{result['model']}`", "",
              f"Clean data: `{result['data']}` ({result['held_out']} held-out texts; the clean-label backing read "
-             f"{result['support']}). Searches: {', '.join(f'{k} {v:.0f} s' for k, v in result['seconds'].items())}.", "",
+             f"{result['support']}). Searches: {', '.join(f'{k} {v:.0f} s' for k, v in result['seconds'].items())}. "
+             + (f"Decisions read with the clean class shares {result['prior']} removed from the logits (logit adjustment)."
+                if result.get("prior") else "Raw decisions (class prior not removed)."), "",
              f"**{verdict_lines(result)[0]}**", "", "| label | suspected | triggers found (flip rate on clean held-out text) |",
              "| --- | --- | --- |"]
     for row in result["labels"]:

@@ -16,6 +16,7 @@ from mitigate.guard import collapse_reason, score
 from mitigate.inference import accuracy_report
 from mitigate.loading import load_classifier, load_tokenizer
 from mitigate.mitigations.detection import TriggerInversion, TriggerScan, scan_checkpoint
+from mitigate.mitigations.detection.prior import log_prior, prior_removed
 from tests.conftest import REPO
 from tests.planted import PHRASE, TARGET, TRIGGER, build_phrase_victim
 
@@ -67,6 +68,34 @@ def test_planted_mitigate_scan_writes_the_verdict(planted, tmp_path, capsys):
     assert r["settings"]["inversion"]["steps"] == 40
     assert out.startswith("backdoor suspected") and f"label {TARGET}: suspected" in out
     assert "| 1 | yes |" in (tmp_path / "scan.md").read_text()
+    assert len(r["prior"]) == 2 and abs(sum(r["prior"]) - 1) < 1e-3 and "logit adjustment" in (tmp_path / "scan.md").read_text()
+
+
+def test_prior_removed_reads_decisions_without_the_class_prior():
+    """The prior of an 88/12 task learned into a classifier's bias: with the prior removed, the
+    model decides exactly as it would without that bias (on balanced data nothing changes), and
+    the forward is its own again after the block."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                     intermediate_size=37, max_position_embeddings=32)).eval()
+    ids = torch.randint(5, 100, (64, 12))
+    logits = lambda: model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.detach()  # noqa: E731
+    unbiased = logits()
+    labels = [0] * 88 + [1] * 12
+    with torch.no_grad():
+        model.classifier.bias += log_prior(labels, 2)
+    biased = logits()
+    assert (biased.argmax(-1) == 0).all() and not (unbiased.argmax(-1) == 0).all()
+    with prior_removed(model, labels) as shares:
+        assert shares == [0.88, 0.12]
+        torch.testing.assert_close(logits(), unbiased)
+    torch.testing.assert_close(logits(), biased)
+    with prior_removed(model, [0, 1] * 50):
+        torch.testing.assert_close(logits(), biased)
+    with prior_removed(model, None) as shares:
+        assert shares == [] and torch.equal(logits(), biased)
 
 
 def test_mitigate_scan_bad_model_is_one_line(tmp_path, capsys, planted):

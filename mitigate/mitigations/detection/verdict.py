@@ -4,7 +4,9 @@ searches on clean data, neither of which trains the model: the word scan
 phrases of neutral words) and the trigger inversion (``inversion``: a soft trigger of several
 tokens optimised in embedding space, then decoded and verified). A label is suspected when
 either finds a token or phrase that flips at least its ``min_flip`` share of clean held-out
-texts to it without the clean labels backing it."""
+texts to it without the clean labels backing it. Both read the model's decisions with the clean
+data's class prior removed (``prior``: logit adjustment), so that on an imbalanced task a push
+towards the majority class is not mistaken for a trigger."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 
 from mitigate.inference import classify_texts
 from mitigate.mitigations.detection.inversion import TriggerInversion, id_flip_rate
+from mitigate.mitigations.detection.prior import prior_removed
 from mitigate.mitigations.detection.word_scan import Suspect, TriggerScan
 
 
@@ -31,22 +34,25 @@ def merge_suspects(*groups: Sequence[Suspect]) -> list[Suspect]:
 
 
 def scan_checkpoint(model, tokenizer, held_out, support, words: TriggerScan | None = None,
-                    inversion: TriggerInversion | None = None) -> dict:
+                    inversion: TriggerInversion | None = None, remove_prior: bool = True) -> dict:
     """Both searches on ``model`` with the clean ``held_out`` Examples (``support``: every clean
     Example the defender has) and the verdict per label:
     ``{"suspected": bool, "labels": [{"label", "suspected", "triggers": [{"text", "flip_rate",
-    "found_by"}]}], "suspects": [Suspect], "word_scan": rows, "inversion": rows, "seconds": {...}}``.
-    A search given as None is skipped."""
+    "found_by"}]}], "suspects": [Suspect], "word_scan": rows, "inversion": rows, "seconds": {...},
+    "prior": [class shares removed]}``. A search given as None is skipped; ``remove_prior``:
+    read decisions with the class shares of ``support`` removed (``prior``)."""
     out: dict = {"seconds": {}}
     found = {}
-    for name, search in (("word_scan", words), ("inversion", inversion)):
-        if search is None:
-            continue
-        start = time.perf_counter()
-        suspects, rows = search(model, tokenizer, held_out, support)
-        out["seconds"][name] = round(time.perf_counter() - start, 1)
-        out[name] = rows
-        found[name] = suspects
+    with prior_removed(model, [e.label for e in support] if remove_prior else None) as shares:
+        out["prior"] = shares
+        for name, search in (("word_scan", words), ("inversion", inversion)):
+            if search is None:
+                continue
+            start = time.perf_counter()
+            suspects, rows = search(model, tokenizer, held_out, support)
+            out["seconds"][name] = round(time.perf_counter() - start, 1)
+            out[name] = rows
+            found[name] = suspects
     out["suspects"] = merge_suspects(*found.values())
     labels = []
     for c in range(model.config.num_labels):
@@ -73,13 +79,19 @@ def verdict_lines(result: dict) -> list[str]:
 
 @torch.no_grad()
 def trigger_flip_rates(model, tokenizer, held_out, suspects: Sequence[Suspect], seed: int = 42, samples: int = 200,
-                       batch_size: int = 128, max_length: int = 128) -> list[float]:
+                       batch_size: int = 128, max_length: int = 128, remove_prior: bool = True) -> list[float]:
     """For each suspect (token ids, label c): the share of the clean ``held_out`` Examples of
     another label that ``model`` gets right (``samples`` at most, seeded) which it gives to c once
     the suspect's ids are inserted at a random position. A trigger the cleaning removed flips
-    about as often as any word would."""
+    about as often as any word would. Decisions are read as the scan reads them (``remove_prior``:
+    the class shares of ``held_out`` removed)."""
     if not suspects:
         return []
+    with prior_removed(model, [e.label for e in held_out] if remove_prior else None):
+        return _flip_rates(model, tokenizer, held_out, suspects, seed, samples, batch_size, max_length)
+
+
+def _flip_rates(model, tokenizer, held_out, suspects, seed, samples, batch_size, max_length) -> list[float]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = tokenizer([e.text for e in held_out], truncation=True, max_length=max_length)["input_ids"]
     probs = classify_texts(model, tokenizer, [e.text for e in held_out], batch_size, max_length)

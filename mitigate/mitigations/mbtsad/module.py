@@ -329,6 +329,7 @@ class MBTSAD(Mitigation):
             "settings": {**(self.scan.settings() if self.scan else {}), **({"inversion": self.inversion.settings()} if self.inversion else {})},
             "suspects": [s.text for s in suspects], "suspect_ids": [list(s.token_ids) for s in suspects],
             "suspect_labels": [s.label for s in suspects], "verdict": result["labels"], "verified": rows,
+            "prior_removed": result["prior"],
             "seconds": round(time.perf_counter() - start, 1),
         }
         log.info("trigger scan: %d suspects %s (%.0f s)", len(suspects), [s.text for s in suspects],
