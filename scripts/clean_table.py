@@ -1,6 +1,7 @@
 """The tables of docs/clean.md from the run folders of scripts/evaluate_clean.sh: the scan's
 verdict on every model (``*/scan/scan.json``) and each ``mitigate clean`` run against its
-victim and floor (``clean_*/results.json``). Analysis only: it reads the attacks' targets from
+victim and floor (``clean_*/results.json``), and the clean fine-tuning baseline
+(``cft_*/results.json``) for the cost ratio. Analysis only: it reads the attacks' targets from
 the victims' folder names, which no method sees.
 
     python scripts/clean_table.py runs/eval
@@ -18,7 +19,7 @@ def pct(x) -> str:
 
 
 def scan_rows(root: Path) -> list[str]:
-    rows = ["| model | verdict | label 0 | label 1 | scan time (s) |", "| --- | --- | --- | --- | --- |"]
+    rows = ["| model | verdict | label 0 | label 1 | class prior removed | scan time (s) |", "| --- | --- | --- | --- | --- | --- |"]
     for path in sorted(root.glob("*/scan/scan.json")):
         r = json.loads(path.read_text())
         cells = []
@@ -27,7 +28,8 @@ def scan_rows(root: Path) -> list[str]:
             more = f" (+{len(row['triggers']) - 4})" if len(row["triggers"]) > 4 else ""
             cells.append(f"suspected: {found}{more}" if row["suspected"] else "-")
         verdict = "**backdoor suspected**" if r["suspected"] else "no backdoor found"
-        rows.append(f"| {path.parent.parent.name} | {verdict} | {' | '.join(cells)} | {r['total_seconds']:.0f} |")
+        prior = " / ".join(f"{p:.2f}" for p in r.get("prior", [])) or "no"
+        rows.append(f"| {path.parent.parent.name} | {verdict} | {' | '.join(cells)} | {prior} | {r['total_seconds']:.0f} |")
     return rows
 
 
@@ -47,11 +49,21 @@ def clean_rows(root: Path) -> list[str]:
     return rows
 
 
+def cft_rows(root: Path) -> list[str]:
+    rows = ["| victim | CFT CACC / macro-F1 / ASR | wall time (s) |", "| --- | --- | --- |"]
+    for path in sorted(root.glob("cft_*/results.json")):
+        r = json.loads(path.read_text())
+        rows.append(f"| {path.parent.name[len('cft_'):]} | {pct(r.get('test/cacc'))} / {pct(r.get('test/macro_f1'))} / "
+                    f"{pct(r.get('test/asr'))} | {r.get('report', {}).get('fit_wall_s', '-')} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, nargs="?", default=Path("runs/eval"))
     args = parser.parse_args()
-    print("\n".join(["## mitigate scan", "", *scan_rows(args.root), "", "## mitigate clean", "", *clean_rows(args.root)]))
+    print("\n".join(["## mitigate scan", "", *scan_rows(args.root), "", "## mitigate clean", "", *clean_rows(args.root),
+                     "", "## CFT", "", *cft_rows(args.root)]))
 
 
 if __name__ == "__main__":

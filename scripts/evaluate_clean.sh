@@ -2,7 +2,7 @@
 # The CPU evaluation of `mitigate scan` and `mitigate clean` (docs/clean.md): CPU-scale victims
 # (1 epoch at 5e-5 on the full training set; the imbalanced ones 3 epochs), a scan of every model,
 # and `mitigate clean` on evaluation victims; then `python scripts/clean_table.py runs/eval`.
-# About 2 hours on a 2-core CPU. Tuning victims: BadNet SST-2 seed 44 and the clean SST-2 model
+# About 4 hours on a 2-core CPU. Tuning victims: BadNet SST-2 seed 44 and the clean SST-2 model
 # seed 42; every other model here is an evaluation model, run once with the shipped settings.
 set -euo pipefail
 OUT="${1:-runs/eval}"
@@ -17,6 +17,14 @@ victim clean_sst2_s43 --config recipes/clean_sst2.yaml --seed_everything 43 --tr
 python scripts/make_imbalanced.py "${MITIGATE_DATA_DIR:-data}/sst2" runs/data/sst2_88_12 --minority 1 --share 0.12
 victim badnet_imb_s42 --config recipes/badnet_sst2.yaml --data.init_args.path runs/data/sst2_88_12
 victim clean_imb_s42 --config recipes/clean_sst2.yaml --data.init_args.path runs/data/sst2_88_12
+victim clean_imb_s43 --config recipes/clean_sst2.yaml --data.init_args.path runs/data/sst2_88_12 --seed_everything 43
+victim clean_olid_s42 --config recipes/clean_olid.yaml --trainer.max_epochs 1
+victim clean_olid_s43 --config recipes/clean_olid.yaml --seed_everything 43 --trainer.max_epochs 1
+victim badnet_olid_s42 --config recipes/badnet_olid.yaml --trainer.max_epochs 1
+# ASR floors: a clean model on the victim's poisoned test set
+floor() { mitigate test --config "$2" --config "$3" --model.init_args.model "$OUT/$4/model" --trainer.default_root_dir "$OUT/$1" --overwrite true > "$OUT/$1.log" 2>&1; }
+floor floor_insertsent_s42 recipes/clean_sst2.yaml recipes/victims/insertsent_sst2.yaml clean_sst2_s42
+floor floor_badnet_olid_s42 recipes/clean_olid.yaml recipes/victims/badnet_olid.yaml clean_olid_s42
 scan() { mitigate scan --model "$OUT/$1/model" --data "$2" --out "$OUT/$1/scan" > "$OUT/$1.scan.log" 2>&1; }
 scan badnet_sst2_s44 sst2
 scan clean_sst2_s42 sst2
@@ -24,8 +32,15 @@ scan insertsent_sst2_s42 sst2
 scan clean_sst2_s43 sst2
 scan badnet_imb_s42 runs/data/sst2_88_12
 scan clean_imb_s42 runs/data/sst2_88_12
+scan clean_imb_s43 runs/data/sst2_88_12
+scan clean_olid_s42 olid
+scan clean_olid_s43 olid
+scan badnet_olid_s42 olid
 mitigate clean "$OUT/insertsent_sst2_s42/model" --config recipes/victims/insertsent_sst2.yaml --model.init_args.reference "$REF" \
   --trainer.default_root_dir "$OUT/clean_insertsent_s42" --overwrite true > "$OUT/clean_insertsent_s42.log" 2>&1
 mitigate clean "$OUT/badnet_imb_s42/model" --data.init_args.path runs/data/sst2_88_12 \
   --trainer.default_root_dir "$OUT/clean_badnet_imb_s42" --overwrite true > "$OUT/clean_badnet_imb_s42.log" 2>&1
+# the cost baseline: clean fine-tuning (3 epochs on the same clean subset)
+mitigate fit --config recipes/cft_sst2.yaml --model.init_args.model "$OUT/badnet_imb_s42/model" --data.init_args.path runs/data/sst2_88_12 \
+  --trainer.default_root_dir "$OUT/cft_badnet_imb_s42" --overwrite true > "$OUT/cft_badnet_imb_s42.log" 2>&1
 python scripts/clean_table.py "$OUT"
