@@ -5,6 +5,7 @@ clean-data report (accuracy and class shares) that the collapse guard and the pr
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import chain
 
 import torch
 from torch.utils.data import DataLoader
@@ -30,7 +31,7 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, device, left: bool = Fa
     pos = torch.arange(width)
     mask = pos >= width - lengths[:, None] if left else pos < lengths[:, None]
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    ids[mask] = torch.tensor([t for r in rows for t in r], dtype=torch.long)
+    ids[mask] = torch.tensor(list(chain.from_iterable(rows)), dtype=torch.long)
     return ids.to(device), mask.long().to(device)
 
 

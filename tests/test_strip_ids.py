@@ -78,7 +78,7 @@ def test_roberta_words_after_the_first_carry_their_space(roberta_tokenizer):
     assert joined_ids(spans) == roberta_tokenizer("movie movie", add_special_tokens=False)["input_ids"]
 
 
-def run_strip(model_dir, data_dir, monkeypatch=None, tokenizer=None, **kw):
+def run_strip(model_dir, data_dir, root, monkeypatch=None, tokenizer=None, **kw):
     """A test run of ``STRIP(**kw)`` on the BadNet-poisoned ``data_dir``: the callback, the
     entropies of its calibration and test inputs (in call order) and its logged metrics."""
     import lightning.pytorch as pl
@@ -98,7 +98,8 @@ def run_strip(model_dir, data_dir, monkeypatch=None, tokenizer=None, **kw):
     cb.entropies = recorded
     if tokenizer is not None:
         monkeypatch.setattr(STRIP, "tokenizer", staticmethod(lambda trainer: tokenizer))
-    trainer = pl.Trainer(callbacks=[cb], logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer = pl.Trainer(callbacks=[cb], logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         default_root_dir=root)
     dm = BackdoorDataModule(str(data_dir), tokenizer=str(model_dir), poisoner=BadNet(triggers=["cf"]), eval_batch_size=32)
     trainer.test(TextClassifier(str(model_dir)), datamodule=dm, verbose=False)
     metrics = {k.split("/")[-1]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/strip/")}
@@ -106,10 +107,10 @@ def run_strip(model_dir, data_dir, monkeypatch=None, tokenizer=None, **kw):
 
 
 @pytest.mark.parametrize("early_stop", [False, True])
-def test_id_path_decides_exactly_as_the_text_path(tiny_bert, sst2_small, early_stop):
+def test_id_path_decides_exactly_as_the_text_path(tiny_bert, sst2_small, tmp_path, early_stop):
     kw = dict(early_stop=early_stop, min_copies=2, step_copies=2, batch_size=16)
-    ids, h_ids, m_ids = run_strip(tiny_bert, sst2_small, **kw)
-    text, h_text, m_text = run_strip(tiny_bert, sst2_small, token_ids=False, **kw)
+    ids, h_ids, m_ids = run_strip(tiny_bert, sst2_small, tmp_path / "ids", **kw)
+    text, h_text, m_text = run_strip(tiny_bert, sst2_small, tmp_path / "text", token_ids=False, **kw)
     assert m_ids["id_path"] == 1.0 and m_text["id_path"] == 0.0
     assert len(ids.rows) >= 64 and len(h_ids) > len(ids.rows)  # the calibration's entropies too
     assert torch.equal(h_ids, h_text)  # calibration and test entropies, bit for bit
@@ -137,11 +138,11 @@ class Squashing:
         return getattr(self._tok, name)
 
 
-def test_a_tokenizer_the_id_path_does_not_fit_gets_the_text_path_and_a_log_line(tiny_bert, sst2_small, bert_tokenizer,
-                                                                                   monkeypatch, caplog):
+def test_a_tokenizer_the_id_path_does_not_fit_gets_the_text_path_and_a_log_line(
+        tiny_bert, sst2_small, bert_tokenizer, tmp_path, monkeypatch, caplog):
     assert "differ from the tokenizer's" in WordIds(Squashing(bert_tokenizer), MAX_LEN).check(TEXTS, 4)
     with caplog.at_level(logging.INFO, logger="mitigate.defenses.strip"):
-        cb, _, metrics = run_strip(tiny_bert, sst2_small, monkeypatch, tokenizer=Squashing(bert_tokenizer))
+        cb, _, metrics = run_strip(tiny_bert, sst2_small, tmp_path, monkeypatch, tokenizer=Squashing(bert_tokenizer))
     assert cb.word_ids is None and metrics["id_path"] == 0.0
     lines = [r.getMessage() for r in caplog.records if "copies" in r.getMessage()]
     assert len(lines) == 1 and "re-tokenised as text: the token id path is not exact" in lines[0], lines
