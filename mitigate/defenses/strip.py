@@ -301,7 +301,10 @@ class STRIP(Defense):
         self.word_ids = None
         if not self.token_ids:
             return "copies re-tokenised as text (token_ids: false)"
-        ids = WordIds(tok, max_len)
+        try:
+            ids = WordIds(tok, max_len)
+        except ValueError as e:  # special tokens the id path cannot place
+            return f"copies re-tokenised as text: the token id path is not exact for this tokenizer ({e})"
         why = ids.check(texts, self.batch_size or 32)
         if why is not None:
             return f"copies re-tokenised as text: the token id path is not exact for this tokenizer ({why})"
