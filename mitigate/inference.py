@@ -4,7 +4,8 @@ clean-data report (accuracy and class shares) that the collapse guard and the pr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from itertools import chain
 
 import torch
 from torch.utils.data import DataLoader
@@ -20,19 +21,47 @@ def encode_texts(tokenizer, texts: Sequence[str], max_length: int, device) -> tu
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, device, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of already encoded rows (special tokens included, already
+    truncated), padded with ``pad_id`` to the longest row (on the right; ``left``: on the left),
+    mask 1 on the rows' tokens; int64, as ``encode_texts`` gives them, on ``device``. One
+    scatter of the concatenated rows into a filled tensor, no Python loop over positions."""
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    width = int(lengths.max()) if len(rows) else 0
+    pos = torch.arange(width)
+    mask = pos >= width - lengths[:, None] if left else pos < lengths[:, None]
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    ids[mask] = torch.tensor(list(chain.from_iterable(rows)), dtype=torch.long)
+    return ids.to(device), mask.long().to(device)
+
+
+def sorted_batches(sizes: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices of the inputs, shortest ``sizes`` first (a stable sort: ties keep their order),
+    cut into batches of ``batch_size``: the passes of ``classify_texts`` (sizes: characters)."""
+    order = sorted(range(len(sizes)), key=sizes.__getitem__)
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
+def classify_encoded(model, sizes: Sequence[int], encode: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]],
+                     batch_size: int = 128) -> torch.Tensor:
+    """Class probabilities of ``len(sizes)`` inputs, (inputs, classes) on the CPU, in input
+    order; the passes run in ``sorted_batches(sizes, batch_size)``, ``encode(indices)`` giving
+    each batch's ``(input_ids, attention_mask)`` on the model's device."""
+    out = torch.empty((len(sizes), model.config.num_labels))
+    for idx in sorted_batches(sizes, batch_size):
+        ids, attn = encode(idx)
+        out[idx] = model(input_ids=ids, attention_mask=attn).logits.float().softmax(-1).cpu()
+    return out
+
+
 def classify_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 128, max_length: int = 128) -> torch.Tensor:
     """Class probabilities of ``texts``, (len(texts), classes) on the CPU, in input order; the
     passes run on the model's device in batches of ``batch_size`` texts of similar length
     (sorted by characters: little padding)."""
     device = next(model.parameters()).device
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = torch.empty((len(texts), model.config.num_labels))
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        ids, attn = encode_texts(tokenizer, [texts[i] for i in idx], max_length, device)
-        out[idx] = model(input_ids=ids, attention_mask=attn).logits.float().softmax(-1).cpu()
-    return out
+    return classify_encoded(model, [len(t) for t in texts],
+                            lambda idx: encode_texts(tokenizer, [texts[i] for i in idx], max_length, device), batch_size)
 
 
 @torch.no_grad()
@@ -41,7 +70,7 @@ def predict_batch(model, batch: dict, batch_size: int) -> torch.Tensor:
     ``batch_size`` rows per pass, on the batch's device."""
     ids, attn = batch["input_ids"], batch["attention_mask"]
     return torch.cat([
-        model(input_ids=ids[s : s + batch_size], attention_mask=attn[s : s + batch_size]).logits.argmax(-1)
+        model(input_ids=ids[s:s + batch_size], attention_mask=attn[s:s + batch_size]).logits.argmax(-1)
         for s in range(0, len(ids), batch_size)
     ])
 
