@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from mitigate.data.triggers import insert_ids
+from mitigate.inference import pad_rows
 from mitigate.mitigations.detection.word_scan import Suspect, backing, label_counts
 
 log = logging.getLogger(__name__)
@@ -87,14 +88,8 @@ class TriggerInversion:
 
 
 def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``(input_ids, attention_mask)`` of token id lists."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.as_tensor(list(r))
-        mask[i, : len(r)] = 1
-    return ids.to(device), mask.to(device)
+    """Right-padded ``(input_ids, attention_mask)`` of token id lists (``inference.pad_rows``)."""
+    return pad_rows(rows, pad_id, device)
 
 
 def soft_trigger_loss(model, embeddings: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, trigger: torch.Tensor,
