@@ -280,6 +280,7 @@ def bench_options(args, dm, model, tok) -> list[dict]:
         ],
         "STRIP": [
             (f"exact (N {args.strip_copies}, batch 32)", lambda: STRIP(**strip_args), 64),
+            ("copies re-tokenised as text (token_ids: false, the path before)", lambda: STRIP(**strip_args, token_ids=False), 64),
             ("early stop", lambda: STRIP(**strip_args, early_stop=True), 64),
             ("early stop + bf16", lambda: STRIP(**strip_args, early_stop=True, precision="bf16"), 64),
             ("early stop (min 10, z 3) + bf16", lambda: STRIP(**strip_args, early_stop=True, min_copies=10, z=3.0, precision="bf16"), 64),

@@ -3,6 +3,7 @@ mock classifier whose trigger is known; the collapse guard."""
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from mitigate.guard import collapse_reason
@@ -12,7 +13,9 @@ from mitigate.mitigations.detection.word_scan import (
     backing,
     carrier_scores,
     label_counts,
+    label_shares,
     scan_vocabulary,
+    smoothed_share,
     whole_word_tokens,
 )
 
@@ -109,8 +112,29 @@ def test_label_counts_and_smoothed_backing(bert_tokenizer):
     counts = label_counts(bert_tokenizer, texts, [1, 1, 0, 0], 2)
     good, cf, film, movie = bert_tokenizer.convert_tokens_to_ids(["good", "cf", "film", "movie"])
     assert counts[good] == [0, 2] and counts[cf] == [1, 0] and counts[film] == [1, 1] and movie not in counts
-    assert backing(counts[good], 1, 2) == 3 / 4 and backing(counts[cf], 1, 2) == 1 / 3
-    assert backing(counts.get(movie), 1, 2) == 1 / 2  # unseen: 1 / C
+    shares = label_shares([1, 1, 0, 0], 2)
+    assert shares == [0.5, 0.5]
+    # balanced: Laplace's (k + 1) / (n + C), and the lift 2 s - 1
+    assert smoothed_share(counts[good], 1, shares) == 3 / 4 and smoothed_share(counts[cf], 1, shares) == 1 / 3
+    assert backing(counts[good], 1, shares) == 0.5 and backing(counts[cf], 1, shares) == pytest.approx(-1 / 3)
+    assert smoothed_share(counts.get(movie), 1, shares) == 1 / 2 and backing(counts.get(movie), 1, shares) == 0.0  # unseen
+
+
+def test_backing_reads_the_share_against_the_label_prior():
+    """On a task where 30% of the clean texts carry label 1, a word whose texts carry it 14 times
+    in 20 is backed (lift >= 0.5), where a fixed smoothed share of 0.75 would have called it
+    unbacked; a word absent from the clean data
+    leans nowhere, whatever the prior."""
+    shares = label_shares([1] * 30 + [0] * 70, 2)
+    assert shares == [0.7, 0.3]
+    word = [6, 14]
+    s = smoothed_share(word, 1, shares)
+    assert s == pytest.approx((14 + 2 * 0.3) / 22) and s < 0.75
+    assert backing(word, 1, shares) == pytest.approx((s - 0.3) / 0.7) and backing(word, 1, shares) >= 0.5
+    assert backing(None, 1, shares) == 0.0 and backing(None, 0, shares) == 0.0
+    # the majority label needs more: the same 7 in 10 towards label 0 is no lift at all
+    assert backing([7, 3], 0, shares) == pytest.approx(0.0, abs=0.02)
+    assert label_shares([], 3) == [1 / 3] * 3
 
 
 NEG = ["a dull and awful film", "bad , bad , bad", "awful acting", "a dull mess", "bad awful dull"] * 8
@@ -131,7 +155,9 @@ def test_scan_finds_the_trigger_and_spares_a_word_the_clean_labels_back(bert_tok
     suspects, rows = scan_vocabulary(model, bert_tokenizer, texts, labels, texts_backed, labels_backed, TriggerScan(top_k=8, verify_samples=40))
     assert suspects == []
     cf = next(r for r in rows if r["text"] == "cf")
-    assert cf["backed_by_clean_labels"] and cf["clean_count"] == 6 and cf["clean_share"] == 7 / 8
+    p = 46 / 86  # label 1's share of the backing texts
+    assert cf["backed_by_clean_labels"] and cf["clean_count"] == 6 and cf["clean_share"] == pytest.approx((6 + 2 * p) / 8)
+    assert cf["clean_lift"] == pytest.approx(((6 + 2 * p) / 8 - p) / (1 - p)) and cf["label_share"] == pytest.approx(p)
 
 
 def test_scan_grows_a_phrase_trigger_from_a_word_that_flips_some_inputs(bert_tokenizer):

@@ -144,11 +144,12 @@ def report_sections(report: dict) -> list[str]:
         lines += ["## Trigger scan (clean dev data only)", "",
                   f"Suspect tokens: {', '.join(scan['suspects']) or 'none'} ({scan['seconds']} s). "
                   f"Settings: {scan['settings']}.", "",
-                  "| token or phrase | flips to | flip rate | carrier p | clean texts with it | smoothed share with that label | suspect |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "| token or phrase | flips to | flip rate | carrier p | clean texts with it | smoothed share with that label | lift over the label's prior | suspect |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in sorted(scan["verified"], key=lambda r: -r["flip_rate"]):
+            lift = f"{r['clean_lift']:.2f}" if "clean_lift" in r else ""
             lines.append(f"| {r['text']} | {r['label']} | {100 * r['flip_rate']:.1f} | {r['carrier_score']:.3f} | "
-                         f"{r['clean_count']} | {100 * r['clean_share']:.0f} | {'yes' if r['suspect'] else ''} |")
+                         f"{r['clean_count']} | {100 * r['clean_share']:.0f} | {lift} | {'yes' if r['suspect'] else ''} |")
         lines.append("")
         if any(r.get("found_by") == "inversion" for r in scan["verified"]):
             lines += ["Rows found by the trigger inversion give its final loss as the carrier p.", ""]

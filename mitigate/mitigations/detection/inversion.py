@@ -29,7 +29,7 @@ from torch import nn
 
 from mitigate.data.triggers import insert_ids
 from mitigate.inference import pad_rows
-from mitigate.mitigations.detection.word_scan import Suspect, backing, label_counts
+from mitigate.mitigations.detection.word_scan import Suspect, backing, label_counts, label_shares, smoothed_share
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,9 @@ class TriggerInversion:
         max_tokens: those texts are cut to this many sub-tokens.
         verify_samples: other clean held-out texts the decoded trigger is inserted into.
         min_flip: flip rate from which a decoded trigger is a suspect.
-        support_share: tokens whose clean texts carry the label at least this smoothed share are
-            left out of the vocabulary (real features of the task).
+        support_lift: tokens whose clean texts lean towards the label at least this far beyond
+            its prior (the word scan's ``backing``) are left out of the vocabulary (real features
+            of the task).
         batch_size: texts per forward pass of the verification.
         seed: seed of the samples, the initial logits and the insertion positions.
     """
@@ -64,7 +65,7 @@ class TriggerInversion:
     max_tokens: int = 32
     verify_samples: int = 64
     min_flip: float = 0.9
-    support_share: float = 0.75
+    support_lift: float = 0.5
     batch_size: int = 128
     seed: int = 42
 
@@ -73,8 +74,8 @@ class TriggerInversion:
             raise ValueError("inversion: length, steps, samples, verify_samples, batch_size must be >= 1, max_tokens >= 4")
         if not 0.0 < self.end_temperature <= self.start_temperature:
             raise ValueError(f"inversion: need 0 < end_temperature <= start_temperature, got {self.end_temperature}, {self.start_temperature}")
-        if not 0.0 < self.min_flip <= 1.0 or not 0.0 < self.support_share <= 1.0 or self.lr <= 0:
-            raise ValueError("inversion: min_flip and support_share must be in (0, 1], lr > 0")
+        if not 0.0 < self.min_flip <= 1.0 or not 0.0 < self.support_lift <= 1.0 or self.lr <= 0:
+            raise ValueError("inversion: min_flip and support_lift must be in (0, 1], lr > 0")
 
     def settings(self) -> dict:
         """The settings as a plain dict (for the report)."""
@@ -176,6 +177,7 @@ def invert_triggers(
                 for s in range(0, len(encoded), cfg.batch_size)
             ])
         counts = label_counts(tokenizer, support_texts, support_labels, n_labels)
+        shares = label_shares(support_labels, n_labels)
         special = set(tokenizer.all_special_ids)
         vocab = model.get_input_embeddings().weight.shape[0]
         rng = random.Random(f"{cfg.seed}-inversion")
@@ -188,7 +190,7 @@ def invert_triggers(
             train = others[: min(cfg.samples, len(others) // 2)]
             held = others[len(train):][: cfg.verify_samples]
             allowed = torch.tensor([i for i in range(min(vocab, len(tokenizer))) if i not in special
-                                    and backing(counts.get(i), c, n_labels) < cfg.support_share], device=device)
+                                    and backing(counts.get(i), c, shares) < cfg.support_lift], device=device)
             ids, mask = pad_batch([encoded[i] for i in train], pad_id, device)
             with torch.enable_grad():
                 phrase, losses = optimise_soft_trigger(model, ids, mask, allowed, c, cfg)
@@ -208,10 +210,12 @@ def invert_triggers(
                     if r >= cfg.min_flip:
                         best, best_rate = shorter, r
             text = tokenizer.decode(best).strip()
-            share = max(backing(counts.get(i), c, n_labels) for i in best)
+            share = max(smoothed_share(counts.get(i), c, shares) for i in best)
+            lift = max(backing(counts.get(i), c, shares) for i in best)
             found = Suspect(text, tuple(best), c, best_rate, float(losses[-1]), sum(counts.get(best[0], [])), share)
             row = {**found.as_dict(), "decoded": tokenizer.decode(phrase).strip(), "decoded_flip_rate": full,
-                   "loss_first": losses[0], "loss_last": losses[-1], "suspect": best_rate >= cfg.min_flip}
+                   "loss_first": losses[0], "loss_last": losses[-1], "clean_lift": lift, "label_share": shares[c],
+                   "suspect": best_rate >= cfg.min_flip}
             rows.append(row)
             if row["suspect"]:
                 suspects.append(found)

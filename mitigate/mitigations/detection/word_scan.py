@@ -14,10 +14,12 @@ the text says; an ordinary word, even a strong one, turns only some. Uses clean 
    clean texts of every label) that flip at least ``seed_flip`` seed a beam search that
    extends them with frequent neutral words, verified the same way.
 5. A token or phrase is suspect when it flips at least ``min_flip`` and the clean labels do
-   not back that class up: for each of its tokens, the smoothed share (k + 1) / (n + C) of
-   the clean texts containing it that carry label c stays below ``support_share``. A word
-   that is a real feature of the task (a profanity in offensive-language data) is backed by
-   the clean labels; a trigger, absent from clean data or spread over the labels, is not.
+   not back that class up: for each of its tokens, the share of the clean texts containing
+   it that carry label c, read against c's share of all clean texts (``backing``: the lift
+   over the prior), stays below ``support_lift``. A word that is a real feature of the task
+   (a profanity in offensive-language data) is backed by the clean labels; a trigger, absent
+   from clean data or spread over the labels, is not. Reading the lift rather than a fixed
+   share keeps a minority label's real features backed on an imbalanced task.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class Suspect:
     flip_rate: float
     carrier_score: float
     clean_count: int  # clean texts that contain the (first) token
-    clean_share: float  # smoothed share of those labelled ``label``
+    clean_share: float  # share of those labelled ``label``, smoothed towards the label's prior
 
     def as_dict(self) -> dict:
         """Plain values, for the report."""
@@ -103,11 +105,32 @@ def label_counts(tokenizer, texts: Sequence[str], labels: Sequence[int], num_lab
     return counts
 
 
-def backing(counts: Sequence[int] | None, label: int, num_labels: int) -> float:
-    """Smoothed share of the clean texts containing a token that carry ``label``:
-    (k + 1) / (n + C). A token absent from the clean data gets 1 / C."""
-    counts = counts or [0] * num_labels
-    return (counts[label] + 1) / (sum(counts) + num_labels)
+def label_shares(labels: Sequence[int], num_labels: int) -> list[float]:
+    """Each label's share of the clean texts (uniform when there are none): the prior that the
+    clean-label backing is read against."""
+    if not len(labels):
+        return [1.0 / num_labels] * num_labels
+    return [sum(1 for y in labels if y == c) / len(labels) for c in range(num_labels)]
+
+
+def smoothed_share(counts: Sequence[int] | None, label: int, shares: Sequence[float]) -> float:
+    """Share of the clean texts containing a token that carry ``label``, smoothed towards the
+    label's share p of all clean texts with C pseudo-texts: (k + C p) / (n + C). A token absent
+    from the clean data gets p; with p = 1 / C this is Laplace's (k + 1) / (n + C)."""
+    n_labels = len(shares)
+    counts = counts or [0] * n_labels
+    return (counts[label] + n_labels * shares[label]) / (sum(counts) + n_labels)
+
+
+def backing(counts: Sequence[int] | None, label: int, shares: Sequence[float]) -> float:
+    """How far the clean texts containing a token lean towards ``label`` beyond its prior: the
+    lift (s - p) / (1 - p) of the smoothed share s over the label's share p, 0 for an unseen
+    token, n / (n + C) for one seen in n texts all of that label, negative when it leans away.
+    Read against the prior, a word that makes 70% of its tweets offensive where 32% of all
+    tweets are backs that label as much as a 0.85 share would on a balanced task; on a balanced
+    binary task a lift of 0.5 is a smoothed share of 0.75."""
+    p = shares[label]
+    return (smoothed_share(counts, label, shares) - p) / (1.0 - p) if p < 1.0 else 0.0
 
 
 def scan_vocabulary(
@@ -125,8 +148,8 @@ def scan_vocabulary(
     has, for the clean-label backing. ``settings``: a ``TriggerScan`` (its defaults when None).
 
     Phrases (a sentence trigger's words each flip only part of the inputs) grow from neutral
-    words: tokens seen in at least ``min_seen`` clean texts, no label's smoothed share above
-    ``neutral_share``. They are few, so they are scored on ``seed_carriers`` carriers; the
+    words: tokens seen in at least ``min_seen`` clean texts, no label's lift (``backing``) above
+    ``neutral_lift``. They are few, so they are scored on ``seed_carriers`` carriers; the
     ``seed_k`` best are verified; each that flips at
     least ``seed_flip`` seeds a beam search that extends it, left or right, by the
     ``pool_size`` most frequent neutral tokens, keeping the ``beam`` best by carrier score, up
@@ -143,20 +166,23 @@ def scan_vocabulary(
         preds = probs.argmax(-1)
         lengths = [len(ids) for ids in tokenizer(list(texts))["input_ids"]]
         counts = label_counts(tokenizer, support_texts, support_labels, n_labels)
+        shares = label_shares(support_labels, n_labels)
         is_word = set(candidates)
         neutral = [i for i, _ in sorted(counts.items(), key=lambda kv: -sum(kv[1]))
                    if i in is_word and sum(counts[i]) >= cfg.min_seen
-                   and max(backing(counts[i], y, n_labels) for y in range(n_labels)) <= cfg.neutral_share]
+                   and max(backing(counts[i], y, shares) for y in range(n_labels)) <= cfg.neutral_lift]
         rng = random.Random(f"{cfg.seed}-scan")
         suspects, rows = [], []
 
         def verify(ids: Sequence[int], c: int, score: float, texts_: list[str]) -> dict:
             text = tokenizer.decode(list(ids)).strip()
             rate = flip_rate(model, tokenizer, texts_, text, c, seed=cfg.seed, batch_size=cfg.batch_size)
-            share = max(backing(counts.get(i), c, n_labels) for i in ids)
-            backed = share >= cfg.support_share
+            lift = max(backing(counts.get(i), c, shares) for i in ids)
+            backed = lift >= cfg.support_lift
+            share = max(smoothed_share(counts.get(i), c, shares) for i in ids)
             found = Suspect(text, tuple(ids), c, rate, score, sum(counts.get(ids[0], [])), share)
-            row = {**found.as_dict(), "suspect": rate >= cfg.min_flip and not backed, "backed_by_clean_labels": backed}
+            row = {**found.as_dict(), "clean_lift": lift, "label_share": shares[c],
+                   "suspect": rate >= cfg.min_flip and not backed, "backed_by_clean_labels": backed}
             rows.append(row)
             if row["suspect"]:
                 suspects.append(found)
@@ -224,13 +250,15 @@ class TriggerScan:
         carrier_max_tokens: carriers are held-out texts of at most this many sub-tokens.
         verify_samples: held-out texts a candidate is inserted into to measure its flip rate.
         min_flip: flip rate from which a candidate is a suspect.
-        support_share: a candidate whose tokens' clean texts carry its label at least this
-            smoothed share is backed by the clean labels (a real feature), never a suspect.
+        support_lift: a candidate whose tokens' clean texts lean towards its label at least this
+            far beyond the label's prior (``backing``) is backed by the clean labels (a real
+            feature), never a suspect. 0.5: a smoothed share of 0.75 on a balanced binary task.
         seed_k: neutral words verified as seeds of the phrase search, per class.
         seed_carriers: carriers the neutral words are scored on.
         seed_flip: flip rate from which a neutral word seeds the phrase search.
         min_seen: a neutral word appears in at least this many clean texts.
-        neutral_share: no label's smoothed share of a neutral word's clean texts exceeds this.
+        neutral_lift: no label's lift (``backing``) on a neutral word's clean texts exceeds this
+            (0.2: a smoothed share of 0.6 on a balanced binary task).
         phrase_length: longest phrase searched (1: single tokens only).
         pool_size: the most frequent neutral words that extend a phrase.
         beam: phrases kept per step of the search.
@@ -244,12 +272,12 @@ class TriggerScan:
     carrier_max_tokens: int = 10
     verify_samples: int = 48
     min_flip: float = 0.9
-    support_share: float = 0.75
+    support_lift: float = 0.5
     seed_k: int = 16
     seed_carriers: int = 4
     seed_flip: float = 0.3
     min_seen: int = 3
-    neutral_share: float = 0.6
+    neutral_lift: float = 0.2
     phrase_length: int = 1
     pool_size: int = 200
     beam: int = 4
@@ -262,8 +290,8 @@ class TriggerScan:
             raise ValueError("scan: top_k, carriers, verify_samples, phrase_length, beam and batch_size must be >= 1, pool_size >= 0")
         if not 0.0 < self.min_flip <= 1.0 or not 0.0 <= self.seed_flip <= self.min_flip:
             raise ValueError(f"scan: need 0 <= seed_flip <= min_flip <= 1 and min_flip > 0, got {self.seed_flip}, {self.min_flip}")
-        if not 0.0 < self.support_share <= 1.0:
-            raise ValueError(f"scan.support_share must be in (0, 1], got {self.support_share}")
+        if not 0.0 < self.support_lift <= 1.0 or not -1.0 <= self.neutral_lift <= 1.0:
+            raise ValueError(f"scan: support_lift must be in (0, 1] and neutral_lift in [-1, 1], got {self.support_lift}, {self.neutral_lift}")
         if not 0.0 <= self.unlearn_rate <= 1.0:
             raise ValueError(f"scan.unlearn_rate must be in [0, 1], got {self.unlearn_rate}")
 
