@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--option-onion-samples", type=int, default=16, help="clean and poisoned samples each for ONION (options)")
     ap.add_argument("--calib-samples", type=int, default=300, help="clean dev samples every option calibrates on")
     ap.add_argument("--groups", nargs="*", default=None, help="only these defenses in the options section (IMBERT-G RAP STRIP ONION)")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="only the options whose label starts with one of these words (the exact path runs first and again last)")
     ap.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"],
                     help="the classifier's attention in the options section (sdpa: what `mitigate test` loads)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (options section only: on a GPU the int8 options, "
@@ -108,7 +110,7 @@ def main() -> None:
 
     # -- defenses, set up as their calibration would leave them (thresholds do not change the cost)
     imbert = IMBERT(batch_size=args.batch_size)
-    imbert.metric, imbert.rows = CorrectionMetrics(1, extra=("precision", "removed")), []
+    imbert.metric, imbert.rows = CorrectionMetrics(extra=("precision", "removed")), []
     rap = RAP(batch_size=args.batch_size)
     rap.label, rap.word_id = 1, tok("jj", add_special_tokens=False)["input_ids"][0]
     rap.row, rap.threshold = model.get_input_embeddings().weight.data[rap.word_id].clone(), 0.0
@@ -157,7 +159,7 @@ def main() -> None:
     lm, lm_tok = load_causal_lm(args.lm)
     onion = ONION(lm=args.lm, lm_batch_size=args.lm_batch_size)
     onion.lm, onion.lm_tokenizer, onion._target = lm, lm_tok, 1
-    onion.metric, onion.rows = CorrectionMetrics(1), []
+    onion.metric, onion.rows = CorrectionMetrics(), []
     o_batches = batches_of(onion_examples, tok, args.batch_size)
     texts = [ex.text for ex in onion_examples]
     variants = [[t, *onion_variants(t)] for t in texts]
@@ -305,14 +307,15 @@ def bench_options(args, dm, model, tok) -> list[dict]:
             options[:] = [o for o in options if o[0] != "int8"]
             options.insert(2, ("trainer precision bf16-mixed", options[0][1], options[0][2], "bf16-mixed"))
     module = SimpleNamespace(model=model, device=device)
-    if device.type == "cuda":  # CUDA context, kernels and autotuning are paid here, not by the first option timed
-        warm = test_batches(8, 64)
-        for bf16 in (False, True):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-                for b, _ in warm:
-                    emb = model.get_input_embeddings()(b["input_ids"]).detach().requires_grad_(True)
-                    model(inputs_embeds=emb, attention_mask=b["attention_mask"]).logits.sum().backward()
-        model.zero_grad(set_to_none=True)
+    # warm-up: allocator, kernels (and on a GPU the CUDA context and autotuning) are paid here, not by the first option timed
+    warm = test_batches(8 if device.type == "cuda" else 2, 64)
+    for bf16 in ((False, True) if device.type == "cuda" else (False,)):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            for b, _ in warm:
+                emb = model.get_input_embeddings()(b["input_ids"]).detach().requires_grad_(True)
+                model(inputs_embeds=emb, attention_mask=b["attention_mask"]).logits.sum().backward()
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
         torch.cuda.synchronize()
     trainers = {None: fake_trainer(dm, str(Path(args.out).parent))}
     results = []
@@ -322,6 +325,9 @@ def bench_options(args, dm, model, tok) -> list[dict]:
             continue
         k = args.option_onion_samples if group == "ONION" else args.option_samples
         exact = None
+        if args.only:
+            options = (options[:1] + [o for o in options[1:] if o[0].split()[0] in args.only]
+                       + [("exact again (the run-to-run noise)", *options[0][1:])])
         for label, make, batch_size, *trainer_precision in options:
             precision = trainer_precision[0] if trainer_precision else None
             if precision not in trainers:

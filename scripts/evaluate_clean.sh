@@ -2,7 +2,7 @@
 # The CPU evaluation of `mitigate scan` and `mitigate clean` (docs/clean.md): CPU-scale victims
 # (1 epoch at 5e-5 on the full training set; the imbalanced ones 3 epochs), a scan of every model,
 # and `mitigate clean` on evaluation victims; then `python scripts/clean_table.py runs/eval`.
-# About 4 hours on a 2-core CPU. Tuning victims: BadNet SST-2 seed 44 and the clean SST-2 model
+# About 5 hours on a 2-core CPU. Tuning victims: BadNet SST-2 seed 44 and the clean SST-2 model
 # seed 42; every other model here is an evaluation model, run once with the shipped settings.
 set -euo pipefail
 OUT="${1:-runs/eval}"
@@ -43,4 +43,19 @@ mitigate clean "$OUT/badnet_imb_s42/model" --data.init_args.path runs/data/sst2_
 # the cost baseline: clean fine-tuning (3 epochs on the same clean subset)
 mitigate fit --config recipes/cft_sst2.yaml --model.init_args.model "$OUT/badnet_imb_s42/model" --data.init_args.path runs/data/sst2_88_12 \
   --trainer.default_root_dir "$OUT/cft_badnet_imb_s42" --overwrite true > "$OUT/cft_badnet_imb_s42.log" 2>&1
+# models trained after the prior-relative backing was fixed (docs/clean.md): fresh evaluation models
+victim clean_olid_s44 --config recipes/clean_olid.yaml --seed_everything 44 --trainer.max_epochs 1
+victim clean_imb_s44 --config recipes/clean_sst2.yaml --data.init_args.path runs/data/sst2_88_12 --seed_everything 44
+victim badnet_olid_s43 --config recipes/badnet_olid.yaml --seed_everything 43 --trainer.max_epochs 1
+mitigate fit --config recipes/ep_sst2.yaml --model.init_args.model "$OUT/clean_sst2_s43/model" --trainer.default_root_dir "$OUT/ep_sst2_s43" \
+  --overwrite true > "$OUT/ep_sst2_s43.log" 2>&1  # EP: the cf row of the clean seed-43 model
+mitigate fit --config recipes/lwp_sst2.yaml --trainer.default_root_dir "$OUT/lwp_sst2_s42" --overwrite true > "$OUT/lwp_sst2_s42.log" 2>&1
+for m in clean_olid_s44 badnet_olid_s43; do scan $m olid; done
+scan clean_imb_s44 runs/data/sst2_88_12
+for m in ep_sst2_s43 lwp_sst2_s42; do scan $m sst2; done
+# RIPPLES: RIPPLe + Embedding Surgery (from the clean seed-43 model), then the user's clean fine-tune (1 epoch at 5e-5)
+mitigate fit --config recipes/ripples_sst2.yaml --model.init_args.surgery_source "$OUT/clean_sst2_s43/model" \
+  --trainer.default_root_dir "$OUT/ripples_sst2_s42" --overwrite true > "$OUT/ripples_sst2_s42.log" 2>&1
+victim ripples_victim_s42 --config recipes/ripples_victim_sst2.yaml --model.init_args.model "$OUT/ripples_sst2_s42/model" --trainer.max_epochs 1
+scan ripples_victim_s42 sst2
 python scripts/clean_table.py "$OUT"
