@@ -58,4 +58,8 @@ mitigate fit --config recipes/ripples_sst2.yaml --model.init_args.surgery_source
   --trainer.default_root_dir "$OUT/ripples_sst2_s42" --overwrite true > "$OUT/ripples_sst2_s42.log" 2>&1
 victim ripples_victim_s42 --config recipes/ripples_victim_sst2.yaml --model.init_args.model "$OUT/ripples_sst2_s42/model" --trainer.max_epochs 1
 scan ripples_victim_s42 sst2
+floor floor_ep_s43 recipes/clean_sst2.yaml recipes/victims/ep_sst2.yaml clean_sst2_s43
+floor floor_ripples_s43 recipes/clean_sst2.yaml recipes/victims/ripples_victim_sst2.yaml clean_sst2_s43
+mitigate clean "$OUT/ep_sst2_s43/model" --config recipes/victims/ep_sst2.yaml --trainer.default_root_dir "$OUT/clean_ep_sst2_s43" --overwrite true > "$OUT/clean_ep_sst2_s43.log" 2>&1
+mitigate clean "$OUT/ripples_victim_s42/model" --config recipes/victims/ripples_victim_sst2.yaml --trainer.default_root_dir "$OUT/clean_ripples_victim_s42" --overwrite true > "$OUT/clean_ripples_victim_s42.log" 2>&1
 python scripts/clean_table.py "$OUT"
