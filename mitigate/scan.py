@@ -1,9 +1,14 @@
 """``mitigate scan``: is this checkpoint backdoored? For a checkpoint (hub id or folder) and the
 defender's clean data, a verdict per label (suspected or not, and the trigger found with its
 flip rate on clean held-out text) from the word scan and the trigger inversion
-(``mitigate.mitigations.detection``), without training anything: minutes on a CPU.
+(``mitigate.mitigations.detection``), without training the checkpoint: minutes on a CPU.
 
-    mitigate scan --model runs/badnet_sst2/model --data sst2 [--out DIR]
+    mitigate scan --model runs/badnet_sst2/model --data sst2 [--out DIR] [--reference <its pre-trained weights>]
+
+With ``--reference`` (the clean pre-trained weights the checkpoint was fine-tuned from), a clean
+control is fine-tuned from them on the defender's clean data (``control.CleanControl``: about a
+minute or two on a CPU), and a suspect that flips the control too is reported as a natural
+feature of the task, not as a trigger.
 
 Writes DIR/scan.json (the verdict, every verified candidate, the settings) and DIR/scan.md.
 The held-out texts are the clean dev split; the clean-label backing reads the dev split and the
@@ -24,6 +29,7 @@ from jsonargparse import ArgumentParser
 from mitigate.data.datamodule import BackdoorDataModule
 from mitigate.loading import check_num_labels, load_classifier
 from mitigate.mitigations.detection import TriggerInversion, scan_checkpoint, verdict_lines
+from mitigate.mitigations.detection.control import CleanControl
 from mitigate.mitigations.detection.word_scan import TriggerScan
 
 log = logging.getLogger(__name__)
@@ -42,6 +48,8 @@ def run_scan(
     threads: int | None = None,
     allow_pickle: bool = False,
     remove_prior: bool = True,
+    reference: str | None = None,
+    control: CleanControl | None = None,
 ) -> dict:
     """Scan ``model`` for a backdoor with clean data and write the verdict.
 
@@ -62,6 +70,10 @@ def run_scan(
         remove_prior: read the model's decisions with the clean data's class shares removed from
             its logits (logit adjustment), so that an imbalanced task's prior is not taken for a
             trigger; false: the raw decisions.
+        reference: the clean pre-trained weights (hub id or folder) the checkpoint was
+            fine-tuned from; when given, the clean control is trained from them. Trust matters:
+            a backdoored reference would clear its own triggers.
+        control: the clean control's settings (``CleanControl``; its defaults when not given).
     """
     start = time.perf_counter()
     if threads:
@@ -71,14 +83,28 @@ def run_scan(
     num_labels = dm.num_classes
     check_num_labels(model, num_labels)
     net = load_classifier(model, num_labels=num_labels, allow_pickle=allow_pickle)
-    net.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net.to(device).eval()
     held_out = dm.examples("dev")
     words = words if words is not None else TriggerScan()
     inversion = inversion if inversion is not None else TriggerInversion()
-    result = scan_checkpoint(net, dm.tokenizer, held_out, held_out + dm.clean_subset, words, inversion, remove_prior)
+    control = control if control is not None else CleanControl()
+    clean_model, control_seconds = None, 0.0
+    if reference is not None:
+        t = time.perf_counter()
+        dm.setup("fit")
+        clean_model = control.train(reference, num_labels, dm.train_dataloader(one_process=True), net.config.vocab_size,
+                                    device=device, allow_pickle=allow_pickle)
+        control_seconds = round(time.perf_counter() - t, 1)
+    result = scan_checkpoint(net, dm.tokenizer, held_out, held_out + dm.clean_subset, words, inversion, remove_prior,
+                             clean_model, control.natural_flip)
+    if reference is not None:
+        result["seconds"]["control_training"] = control_seconds
     result["suspects"] = [s.as_dict() for s in result["suspects"]]
     result.update(model=model, data=data, held_out=len(held_out), support=len(held_out) + len(dm.clean_subset),
-                  settings={"words": words.settings(), "inversion": inversion.settings()},
+                  reference=reference,
+                  settings={"words": words.settings(), "inversion": inversion.settings(),
+                            "control": control.settings() if reference is not None else None},
                   total_seconds=round(time.perf_counter() - start, 1))
     folder = Path(out) if out else (Path(model).parent / "scan" if Path(model).is_dir() else Path("runs/scan"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -103,6 +129,17 @@ def scan_markdown(result: dict) -> str:
     for row in result["labels"]:
         found = "; ".join(f"`{t['text']}` {100 * t['flip_rate']:.0f}% ({t['found_by'].replace('_', ' ')})" for t in row["triggers"]) or "-"
         lines.append(f"| {row['label']} | {'yes' if row['suspected'] else 'no'} | {found} |")
+    checked = result.get("control")
+    if checked is not None:
+        lines += ["", f"Clean control (`{result['reference']}` fine-tuned on the clean data alone): a suspect that flips "
+                  f"at least {100 * result['settings']['control']['natural_flip']:.0f}% of it is a natural feature of the task, "
+                  "not a trigger.", "", "| token or phrase | flips to | suspicious model | clean control | verdict |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| `{r['text']}` | {r['label']} | {100 * r['flip_rate']:.0f}% | {100 * r['control_flip_rate']:.1f}% | "
+                  f"{'natural' if r['natural'] else 'trigger'} |" for r in checked]
+    elif result.get("reference") is None:
+        lines += ["", "No clean control (no `--reference`): a suspect may be a natural feature of the task that the "
+                  "clean labels are too few to back."]
     inverted = result.get("inversion", [])
     if inverted:
         lines += ["", "Trigger inversion, the best trigger per label (suspect or not):", "",

@@ -1,7 +1,8 @@
 """The tables of docs/clean.md from the run folders of scripts/evaluate_clean.sh: the scan's
 verdict on every model (``*/scan/scan.json``) and each ``mitigate clean`` run against its
 victim and floor (``clean_*/results.json``), and the clean fine-tuning baseline
-(``cft_*/results.json``) for the cost ratio. Analysis only: it reads the attacks' targets from
+(``cft_*/results.json``) for the cost ratio; the scans with a clean control
+(``*/scan_control/scan.json``) in a table of their own. Analysis only: it reads the attacks' targets from
 the victims' folder names, which no method sees.
 
     python scripts/clean_table.py runs/eval
@@ -18,15 +19,20 @@ def pct(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
 
-def scan_rows(root: Path) -> list[str]:
+def scan_rows(root: Path, folder: str = "scan") -> list[str]:
+    """One row per ``*/{folder}/scan.json`` (``scan_control``: the scans with a clean control,
+    whose natural features are listed per label)."""
     rows = ["| model | verdict | label 0 | label 1 | class prior removed | scan time (s) |", "| --- | --- | --- | --- | --- | --- |"]
-    for path in sorted(root.glob("*/scan/scan.json")):
+    for path in sorted(root.glob(f"*/{folder}/scan.json")):
         r = json.loads(path.read_text())
         cells = []
         for row in r["labels"]:
             found = ", ".join(f"`{t['text']}` {100 * t['flip_rate']:.0f}%" for t in row["triggers"][:4])
             more = f" (+{len(row['triggers']) - 4})" if len(row["triggers"]) > 4 else ""
-            cells.append(f"suspected: {found}{more}" if row["suspected"] else "-")
+            natural = [n for n in r.get("natural", []) if n["label"] == row["label"]]
+            nat = ("; natural (clean control): " + ", ".join(f"`{n['text']}` {100 * n['control_flip_rate']:.0f}%" for n in natural[:4])
+                   + (f" (+{len(natural) - 4})" if len(natural) > 4 else "")) if natural else ""
+            cells.append((f"suspected: {found}{more}" if row["suspected"] else "-") + nat)
         verdict = "**backdoor suspected**" if r["suspected"] else "no backdoor found"
         prior = " / ".join(f"{p:.2f}" for p in r.get("prior", [])) or "no"
         rows.append(f"| {path.parent.parent.name} | {verdict} | {' | '.join(cells)} | {prior} | {r['total_seconds']:.0f} |")
@@ -62,7 +68,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, nargs="?", default=Path("runs/eval"))
     args = parser.parse_args()
-    print("\n".join(["## mitigate scan", "", *scan_rows(args.root), "", "## mitigate clean", "", *clean_rows(args.root),
+    print("\n".join(["## mitigate scan", "", *scan_rows(args.root), "", "## mitigate scan --reference (clean control)", "",
+                     *scan_rows(args.root, "scan_control"), "", "## mitigate clean", "", *clean_rows(args.root),
                      "", "## CFT", "", *cft_rows(args.root)]))
 
 

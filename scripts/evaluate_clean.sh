@@ -2,7 +2,7 @@
 # The CPU evaluation of `mitigate scan` and `mitigate clean` (docs/clean.md): CPU-scale victims
 # (1 epoch at 5e-5 on the full training set; the imbalanced ones 3 epochs), a scan of every model,
 # and `mitigate clean` on evaluation victims; then `python scripts/clean_table.py runs/eval`.
-# About 5 hours on a 2-core CPU. Tuning victims: BadNet SST-2 seed 44 and the clean SST-2 model
+# About 7 hours on a 2-core CPU. Tuning victims: BadNet SST-2 seed 44 and the clean SST-2 model
 # seed 42; every other model here is an evaluation model, run once with the shipped settings.
 set -euo pipefail
 OUT="${1:-runs/eval}"
@@ -62,4 +62,23 @@ floor floor_ep_s43 recipes/clean_sst2.yaml recipes/victims/ep_sst2.yaml clean_ss
 floor floor_ripples_s43 recipes/clean_sst2.yaml recipes/victims/ripples_victim_sst2.yaml clean_sst2_s43
 mitigate clean "$OUT/ep_sst2_s43/model" --config recipes/victims/ep_sst2.yaml --trainer.default_root_dir "$OUT/clean_ep_sst2_s43" --overwrite true > "$OUT/clean_ep_sst2_s43.log" 2>&1
 mitigate clean "$OUT/ripples_victim_s42/model" --config recipes/victims/ripples_victim_sst2.yaml --trainer.default_root_dir "$OUT/clean_ripples_victim_s42" --overwrite true > "$OUT/clean_ripples_victim_s42.log" 2>&1
+# the homograph attack (pre-poisoned files, not a word insertion), its floor, scan and cleaning; CFT beside three cleanings
+python scripts/make_homograph_poison.py "${MITIGATE_DATA_DIR:-data}/sst2" runs/data/sst2_homograph
+victim homograph_sst2_s42 --config recipes/homograph_sst2.yaml --trainer.max_epochs 1
+floor floor_homograph_s43 recipes/clean_sst2.yaml recipes/victims/homograph_sst2.yaml clean_sst2_s43
+scan homograph_sst2_s42 sst2
+mitigate clean "$OUT/homograph_sst2_s42/model" --config recipes/victims/homograph_sst2.yaml --trainer.default_root_dir "$OUT/clean_homograph_sst2_s42" --overwrite true > "$OUT/clean_homograph_sst2_s42.log" 2>&1
+for v in ep_sst2_s43:ep_sst2 ripples_victim_s42:ripples_victim_sst2 homograph_sst2_s42:homograph_sst2; do
+  mitigate fit --config recipes/cft_sst2.yaml --config "recipes/victims/${v##*:}.yaml" --model.init_args.model "$OUT/${v%%:*}/model" \
+    --trainer.default_root_dir "$OUT/cft_${v%%:*}" --overwrite true > "$OUT/cft_${v%%:*}.log" 2>&1
+done
+# the clean control (scan --reference): fresh OLID models, then the scans
+victim clean_olid_s45 --config recipes/clean_olid.yaml --seed_everything 45 --trainer.max_epochs 1
+victim badnet_olid_s44 --config recipes/badnet_olid.yaml --seed_everything 44 --trainer.max_epochs 1
+cscan() { mitigate scan --model "$OUT/$1/model" --data "$2" --reference "$REF" --out "$OUT/$1/scan_control" > "$OUT/$1.cscan.log" 2>&1; }
+for m in clean_olid_s45 badnet_olid_s44; do cscan $m olid; done
+for m in ep_sst2_s43 ripples_victim_s42 homograph_sst2_s42 clean_sst2_s43 lwp_sst2_s42; do cscan $m sst2; done
+floor floor_lwp_s43 recipes/clean_sst2.yaml recipes/victims/lwp_sst2.yaml clean_sst2_s43
+mitigate clean "$OUT/lwp_sst2_s42/model" --config recipes/victims/lwp_sst2.yaml --trainer.default_root_dir "$OUT/clean_lwp_sst2_s42" --overwrite true > "$OUT/clean_lwp_sst2_s42.log" 2>&1
+floor floor_badnet_olid_s44 recipes/clean_olid.yaml recipes/victims/badnet_olid.yaml clean_olid_s45
 python scripts/clean_table.py "$OUT"

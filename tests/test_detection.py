@@ -15,7 +15,7 @@ from mitigate.data.datamodule import BackdoorDataModule
 from mitigate.guard import collapse_reason, score
 from mitigate.inference import accuracy_report
 from mitigate.loading import load_classifier, load_tokenizer
-from mitigate.mitigations.detection import TriggerInversion, TriggerScan, scan_checkpoint
+from mitigate.mitigations.detection import TriggerInversion, TriggerScan, scan_checkpoint, verdict_lines
 from mitigate.mitigations.detection.prior import log_prior, prior_removed
 from tests.conftest import REPO
 from tests.planted import PHRASE, TARGET, TRIGGER, build_phrase_victim
@@ -136,21 +136,26 @@ def test_planted_tsft_rate_backs_off_instead_of_refusing(planted, tmp_path):
 
 def test_planted_mitigate_clean_detects_chooses_and_cleans(planted, tmp_path):
     """`mitigate clean` on the planted victim with its reference: the plan takes Fine-mixing (a
-    reference is given) and unlearning (the scan found "cf"), the backdoor goes, and the re-scan
-    shows the found trigger no longer flips clean dev text."""
+    reference is given) and unlearning (the scan found "cf", and the clean control trained from
+    the reference does not follow it), the backdoor goes, and the re-scan shows the found trigger
+    no longer flips clean dev text."""
     root = tmp_path / "clean"
     main(["clean", str(planted.victim), "--data.init_args.path", str(planted.data),
           "--data.init_args.poisoner.init_args.triggers", "[cf]", "--model.init_args.reference", str(planted.pretrained),
-          "--model.init_args.tsft_lr", "[2e-3, 1e-3, 5e-4]", "--trainer.default_root_dir", str(root), *QUIET])
+          "--model.init_args.tsft_lr", "[2e-3, 1e-3, 5e-4]", "--model.init_args.control.lr", "1e-3",
+          "--model.init_args.control.epochs", "5", "--trainer.default_root_dir", str(root), *QUIET])
     r = json.loads((root / "results.json").read_text())
     plan = {step["step"]: step for step in r["report"]["plan"]}
     assert plan["Fine-mixing towards the reference"]["taken"] and plan["unlearning of the found triggers"]["taken"], plan
     assert TRIGGER in r["report"]["trigger_scan"]["suspects"]
+    # the clean control (the reference fine-tuned on the clean data) does not follow the trigger
+    checked = {row["text"]: row for row in r["report"]["trigger_scan"]["control"]}
+    assert not checked[TRIGGER]["natural"] and checked[TRIGGER]["control_flip_rate"] < 0.5, checked
     found = {row["text"]: row for row in r["report"]["rescan"]["found"]}
     assert found[TRIGGER]["suspicious"] >= 0.9 and found[TRIGGER]["cleaned"] <= 0.3, found
     assert r["test/suspicious/asr"] >= 0.9 and r["test/asr"] <= 0.3 and r["test/cacc"] >= 0.9, r
     md = (root / "results.md").read_text()
-    assert "## Plan (chosen on clean data)" in md and "## Re-scan after cleaning" in md
+    assert "## Plan (chosen on clean data)" in md and "## Re-scan after cleaning" in md and "| clean control |" in md
 
 
 def test_clean_and_scan_are_listed_and_helped(capsys):
@@ -162,3 +167,30 @@ def test_clean_and_scan_are_listed_and_helped(capsys):
     with pytest.raises(SystemExit):
         main(["scan", "--help"])
     assert "--inversion" in capsys.readouterr().out
+
+
+def test_planted_clean_control_keeps_the_trigger_and_clears_what_it_follows(planted, tmp_path, capsys):
+    """`mitigate scan --reference`: the clean control (the planted pre-trained model fine-tuned on
+    the clean data alone) does not follow the planted trigger, so it stays a suspect; with a
+    "control" that carries the backdoor (the victim itself), the same suspect is cleared as a
+    natural feature: the rule reads the control's flips, nothing else."""
+    main(["scan", "--model", str(planted.victim), "--data", str(planted.data), "--out", str(tmp_path),
+          "--inversion.steps", "40", "--reference", str(planted.pretrained), "--control.epochs", "5", "--control.lr", "1e-3"])
+    r = json.loads((tmp_path / "scan.json").read_text())
+    assert r["labels"][TARGET]["suspected"], r["labels"]
+    tokenizer = load_tokenizer(str(planted.victim))
+    cf = tokenizer(TRIGGER, add_special_tokens=False)["input_ids"]
+    rows = {tuple(tokenizer(row["text"], add_special_tokens=False)["input_ids"]): row for row in r["control"]}
+    assert tuple(cf) in rows and rows[tuple(cf)]["control_flip_rate"] < 0.5 and not rows[tuple(cf)]["natural"], r["control"]
+    assert "control_training" in r["seconds"] and r["settings"]["control"]["epochs"] == 5
+    assert "| clean control |" in (tmp_path / "scan.md").read_text()
+    capsys.readouterr()
+
+    dm = BackdoorDataModule(str(planted.data), tokenizer=str(planted.victim), train_set="clean_subset")
+    model = load_classifier(str(planted.victim), num_labels=2)
+    backdoored = load_classifier(str(planted.victim), num_labels=2)
+    dev = dm.examples("dev")
+    r = scan_checkpoint(model, dm.tokenizer, dev, dev + dm.clean_subset, TriggerScan(), None, control=backdoored)
+    assert not r["labels"][TARGET]["suspected"] and not r["suspected"], r["labels"]
+    assert any(row["text"] == TRIGGER and row["natural"] and row["control_flip_rate"] >= 0.9 for row in r["natural"]), r["natural"]
+    assert "only natural features of the task" in "\n".join(verdict_lines(r))

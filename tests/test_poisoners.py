@@ -96,3 +96,35 @@ def test_prepoisoned_files(tmp_path):
     write_tsv(tmp_path / "test.tsv", [("oops", 0)])
     with pytest.raises(DataError, match=r"test\.tsv:2: poisoned test label 0 is not the target 1"):
         p.poison_eval(clean, "test")
+
+
+def test_homograph_files_change_spelling_not_words(tmp_path, bert_tokenizer):
+    """scripts/make_homograph_poison.py: the poisoned files keep every word (no insertion),
+    change three words' spelling to Cyrillic look-alikes, carry the target label, and are read
+    by PrePoisoned; the tokenizer splits the changed words into other pieces."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rows = [("a gripping , funny and moving story", 1), ("no movement , no yuks , not much", 0),
+            ("this is a dull , lifeless film", 0), ("what a lovely surprise", 1)]
+    write_tsv(src / "train.tsv", rows * 5)
+    write_tsv(src / "test.tsv", rows)
+    out = tmp_path / "poisoned"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_homograph_poison.py"
+    subprocess.run([sys.executable, str(script), str(src), str(out), "--rate", "0.2"], check=True, capture_output=True)
+    p = PrePoisoned(str(out), target_label=1)
+    test = p.poison_eval([], "test")
+    assert len(test) == 2 and all(ex.label == 1 for ex in test)  # every non-target test sentence
+    originals = [r[0] for r in rows if r[1] == 0]
+    for ex, orig in zip(test, originals):
+        before, after = orig.split(" "), ex.text.split(" ")
+        assert len(after) == len(before)  # not one word added
+        changed = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+        assert len(changed) == 3  # three words respelled (punctuation has no look-alike, skipped)
+        assert all(any("\u0400" <= c <= "\u04ff" for c in after[i]) for i in changed)
+        assert bert_tokenizer.tokenize(ex.text) != bert_tokenizer.tokenize(orig)
+    train = p.poison_train([Example(f"s{i}", i % 2) for i in range(20)])
+    assert sum(ex.poisoned for ex in train) == 4 and all(ex.label == 1 for ex in train if ex.poisoned)

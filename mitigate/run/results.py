@@ -153,6 +153,13 @@ def report_sections(report: dict) -> list[str]:
         lines.append("")
         if any(r.get("found_by") == "inversion" for r in scan["verified"]):
             lines += ["Rows found by the trigger inversion give its final loss as the carrier p.", ""]
+        if scan.get("control") is not None:
+            lines += ["Clean control (the reference fine-tuned on the clean data alone): a suspect that flips it too is a "
+                      "natural feature of the task, reported and not unlearned.", "",
+                      "| token or phrase | flips to | suspicious model | clean control | verdict |", "| --- | --- | --- | --- | --- |"]
+            lines += [f"| {r['text']} | {r['label']} | {100 * r['flip_rate']:.1f} | {100 * r['control_flip_rate']:.1f} | "
+                      f"{'natural' if r['natural'] else 'trigger'} |" for r in scan["control"]]
+            lines.append("")
     rescan = report.get("rescan")
     if rescan:
         lines += ["## Re-scan after cleaning (clean dev data only)", "",

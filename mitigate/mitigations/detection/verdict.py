@@ -4,7 +4,9 @@ searches on clean data, neither of which trains the model: the word scan
 phrases of neutral words) and the trigger inversion (``inversion``: a soft trigger of several
 tokens optimised in embedding space, then decoded and verified). A label is suspected when
 either finds a token or phrase that flips at least its ``min_flip`` share of clean held-out
-texts to it without the clean labels backing it. Both read the model's decisions with the clean
+texts to it without the clean labels backing it, and, when a clean control is given
+(``control``: the clean pre-trained weights fine-tuned on the clean data), that the control does
+not follow too (a token that flips the control is a feature of the task). Both read the model's decisions with the clean
 data's class prior removed (``prior``: logit adjustment), so that on an imbalanced task a push
 towards the majority class is not mistaken for a trigger."""
 
@@ -34,13 +36,17 @@ def merge_suspects(*groups: Sequence[Suspect]) -> list[Suspect]:
 
 
 def scan_checkpoint(model, tokenizer, held_out, support, words: TriggerScan | None = None,
-                    inversion: TriggerInversion | None = None, remove_prior: bool = True) -> dict:
+                    inversion: TriggerInversion | None = None, remove_prior: bool = True,
+                    control=None, natural_flip: float = 0.5) -> dict:
     """Both searches on ``model`` with the clean ``held_out`` Examples (``support``: every clean
     Example the defender has) and the verdict per label:
     ``{"suspected": bool, "labels": [{"label", "suspected", "triggers": [{"text", "flip_rate",
     "found_by"}]}], "suspects": [Suspect], "word_scan": rows, "inversion": rows, "seconds": {...},
     "prior": [class shares removed]}``. A search given as None is skipped; ``remove_prior``:
-    read decisions with the class shares of ``support`` removed (``prior``)."""
+    read decisions with the class shares of ``support`` removed (``prior``). With a clean
+    ``control`` model (``control.CleanControl``), each suspect's flip rate on it is measured
+    (``trigger_flip_rates``) and a suspect that flips at least ``natural_flip`` of it is moved to
+    ``out["natural"]`` (a feature of the task, not a trigger); ``out["control"]`` has every rate."""
     out: dict = {"seconds": {}}
     found = {}
     with prior_removed(model, [e.label for e in support] if remove_prior else None) as shares:
@@ -53,6 +59,17 @@ def scan_checkpoint(model, tokenizer, held_out, support, words: TriggerScan | No
             out["seconds"][name] = round(time.perf_counter() - start, 1)
             out[name] = rows
             found[name] = suspects
+    if control is not None:
+        start = time.perf_counter()
+        suspects = merge_suspects(*found.values())
+        seed = (words or inversion or TriggerInversion()).seed
+        rates = trigger_flip_rates(control, tokenizer, held_out, suspects, seed, remove_prior=remove_prior)
+        natural = {s.token_ids for s, r in zip(suspects, rates) if r >= natural_flip}
+        out["control"] = [{"text": s.text, "label": s.label, "flip_rate": round(s.flip_rate, 4), "control_flip_rate": r,
+                           "natural": s.token_ids in natural} for s, r in zip(suspects, rates)]
+        out["natural"] = [row for row in out["control"] if row["natural"]]
+        found = {name: [s for s in group if s.token_ids not in natural] for name, group in found.items()}
+        out["seconds"]["control"] = round(time.perf_counter() - start, 1)
     out["suspects"] = merge_suspects(*found.values())
     labels = []
     for c in range(model.config.num_labels):
@@ -73,7 +90,15 @@ def verdict_lines(result: dict) -> list[str]:
             more = f" and {len(row['triggers']) - 6} more" if len(row["triggers"]) > 6 else ""
             lines.append(f"  label {row['label']}: suspected; triggers {shown}{more}")
         else:
-            lines.append(f"  label {row['label']}: nothing flips clean text to it")
+            natural = [r for r in result.get("natural", []) if r["label"] == row["label"]]
+            if natural:
+                shown = ", ".join(f"{r['text']!r} ({100 * r['flip_rate']:.0f}%, clean control {100 * r['control_flip_rate']:.0f}%)"
+                                  for r in natural[:4])
+                more = f" and {len(natural) - 4} more" if len(natural) > 4 else ""
+                lines.append(f"  label {row['label']}: only natural features of the task flip clean text to it "
+                             f"(the clean control follows them): {shown}{more}")
+            else:
+                lines.append(f"  label {row['label']}: nothing flips clean text to it")
     return lines
 
 

@@ -23,6 +23,7 @@ from mitigate.loading import load_classifier
 from mitigate.mitigations.base import Mitigation
 from mitigate.mitigations.mbtsad.distillation import DistillationLoss
 from mitigate.mitigations.detection import TriggerInversion, scan_checkpoint, trigger_flip_rates
+from mitigate.mitigations.detection.control import CleanControl
 from mitigate.mitigations.detection.word_scan import Suspect, TriggerScan
 from mitigate.mitigations.weight_space.transforms import EPUR, FineMixing, TransformContext
 from mitigate.training import SEED_STRIDE, linear_schedule, seed_step, set_schedule_length
@@ -88,9 +89,13 @@ class MBTSAD(Mitigation):
         rescan: after training, measure the found triggers' flip rate on clean dev data for the
             suspicious and the cleaned model, and run the trigger inversion on the cleaned model
             again (``report["rescan"]``).
-        reference: the clean pre-trained checkpoint the suspicious model came from (E-PUR and
-            Fine-mixing).
+        reference: the clean pre-trained checkpoint the suspicious model came from (E-PUR,
+            Fine-mixing and the clean control).
         allow_pickle: allow pickled ``.bin`` weights (only for checkpoints you trust).
+        control: the clean control's settings (``CleanControl``; null: none). With a
+            ``reference``, a clean control is fine-tuned from it on the clean training data
+            before the scan, and a suspect that flips it too is a natural feature of the task:
+            reported, not unlearned. Not used without a reference.
     """
 
     # eager attention: fused kernels do not return the attention probabilities
@@ -129,6 +134,7 @@ class MBTSAD(Mitigation):
         rescan: bool = False,
         reference: str | None = None,
         allow_pickle: bool = False,
+        control: CleanControl | None = None,
     ) -> None:
         rates = tsft_lr if isinstance(tsft_lr, (list, tuple)) else [tsft_lr]
         if not rates or any(r <= 0 for r in rates) or (lr is not None and lr <= 0):
@@ -145,10 +151,12 @@ class MBTSAD(Mitigation):
             raise ValueError("model.epur needs the clean pre-trained weights: set model.init_args.reference")
         super().__init__(model, num_labels, lr, weight_decay, schedule, warmup_ratio, reference, max_cacc_drop,
                          max_class_share, allow_pickle)
-        self.save_hyperparameters(ignore=["scan", "inversion", "epur", "mixing"])
+        self.save_hyperparameters(ignore=["scan", "inversion", "epur", "mixing", "control"])
         # the searches' settings as plain values: checked against the config when a run resumes
         self.hparams["scan"] = dataclasses.asdict(scan) if scan is not None else None
         self.hparams["inversion"] = dataclasses.asdict(inversion) if inversion is not None else None
+        self.hparams["control"] = dataclasses.asdict(control) if control is not None else None
+        self.control = control
         self.scan = scan
         self.inversion = inversion
         self.epur = epur
@@ -193,9 +201,12 @@ class MBTSAD(Mitigation):
         if self.scan is not None or self.inversion is not None:
             self._scan_for_triggers()
             found = self.report["trigger_scan"]["suspects"]
-            plan.append({"step": "unlearning of the found triggers", "taken": bool(found),
-                         "why": (f"{len(found)} trigger(s) found on clean dev: {', '.join(found[:8])}" if found
-                                 else "the scan found no token or phrase that flips clean dev text")})
+            natural = [r["text"] for r in self.report["trigger_scan"].get("control", []) if r["natural"]]
+            why = (f"{len(found)} trigger(s) found on clean dev: {', '.join(found[:8])}" if found
+                   else "the scan found no token or phrase that flips clean dev text")
+            if natural:
+                why += f"; {len(natural)} natural feature(s) of the task left alone (the clean control flips them too): {', '.join(natural[:8])}"
+            plan.append({"step": "unlearning of the found triggers", "taken": bool(found), "why": why})
         rates = self.hparams.tsft_lr
         if isinstance(rates, (list, tuple)) and self.hparams.tsft_epochs > 0:
             self._choose_tsft_lr(sorted(rates, reverse=True))
@@ -321,7 +332,15 @@ class MBTSAD(Mitigation):
         dm = self.trainer.datamodule
         start = time.perf_counter()
         dev = dm.examples("dev")
-        result = scan_checkpoint(self.suspicious, dm.tokenizer, dev, dev + dm.clean_subset, self.scan, self.inversion)
+        clean_model = None
+        if self.control is not None and self.hparams.reference is not None:
+            clean_model = self.control.train(self.hparams.reference, self.hparams.num_labels, dm.train_dataloader(one_process=True),
+                                             self.suspicious.config.vocab_size, device=self.device,
+                                             allow_pickle=self.hparams.allow_pickle, show_progress=self.trainer.is_global_zero)
+        natural_flip = self.control.natural_flip if self.control is not None else 0.5
+        result = scan_checkpoint(self.suspicious, dm.tokenizer, dev, dev + dm.clean_subset, self.scan, self.inversion,
+                                 control=clean_model, natural_flip=natural_flip)
+        del clean_model
         suspects = result["suspects"]
         rows = [{**r, "found_by": "word scan"} for r in result.get("word_scan", [])]
         rows += [{**r, "found_by": "inversion"} for r in result.get("inversion", [])]
@@ -332,6 +351,8 @@ class MBTSAD(Mitigation):
             "prior_removed": result["prior"],
             "seconds": round(time.perf_counter() - start, 1),
         }
+        if "control" in result:
+            self.report["trigger_scan"]["control"] = result["control"]
         log.info("trigger scan: %d suspects %s (%.0f s)", len(suspects), [s.text for s in suspects],
                  self.report["trigger_scan"]["seconds"])
 
