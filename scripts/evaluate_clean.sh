@@ -77,6 +77,7 @@ victim clean_olid_s45 --config recipes/clean_olid.yaml --seed_everything 45 --tr
 victim badnet_olid_s44 --config recipes/badnet_olid.yaml --seed_everything 44 --trainer.max_epochs 1
 cscan() { mitigate scan --model "$OUT/$1/model" --data "$2" --reference "$REF" --out "$OUT/$1/scan_control" > "$OUT/$1.cscan.log" 2>&1; }
 for m in clean_olid_s45 badnet_olid_s44; do cscan $m olid; done
+scan clean_olid_s45 olid  # the same model without the control
 for m in ep_sst2_s43 ripples_victim_s42 homograph_sst2_s42 clean_sst2_s43 lwp_sst2_s42; do cscan $m sst2; done
 floor floor_lwp_s43 recipes/clean_sst2.yaml recipes/victims/lwp_sst2.yaml clean_sst2_s43
 mitigate clean "$OUT/lwp_sst2_s42/model" --config recipes/victims/lwp_sst2.yaml --trainer.default_root_dir "$OUT/clean_lwp_sst2_s42" --overwrite true > "$OUT/clean_lwp_sst2_s42.log" 2>&1
