@@ -82,4 +82,8 @@ for m in ep_sst2_s43 ripples_victim_s42 homograph_sst2_s42 clean_sst2_s43 lwp_ss
 floor floor_lwp_s43 recipes/clean_sst2.yaml recipes/victims/lwp_sst2.yaml clean_sst2_s43
 mitigate clean "$OUT/lwp_sst2_s42/model" --config recipes/victims/lwp_sst2.yaml --trainer.default_root_dir "$OUT/clean_lwp_sst2_s42" --overwrite true > "$OUT/clean_lwp_sst2_s42.log" 2>&1
 floor floor_badnet_olid_s44 recipes/clean_olid.yaml recipes/victims/badnet_olid.yaml clean_olid_s45
+# a second seed of the homograph victim
+victim homograph_sst2_s43 --config recipes/homograph_sst2.yaml --seed_everything 43 --trainer.max_epochs 1
+scan homograph_sst2_s43 sst2
+mitigate clean "$OUT/homograph_sst2_s43/model" --config recipes/victims/homograph_sst2.yaml --trainer.default_root_dir "$OUT/clean_homograph_sst2_s43" --overwrite true > "$OUT/clean_homograph_sst2_s43.log" 2>&1
 python scripts/clean_table.py "$OUT"
