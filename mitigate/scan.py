@@ -6,8 +6,8 @@ flip rate on clean held-out text) from the word scan and the trigger inversion
     mitigate scan --model runs/badnet_sst2/model --data sst2 [--out DIR] [--reference <its pre-trained weights>]
 
 With ``--reference`` (the clean pre-trained weights the checkpoint was fine-tuned from), a clean
-control is fine-tuned from them on the defender's clean data (``control.CleanControl``: about a
-minute or two on a CPU), and a suspect that flips the control too is reported as a natural
+control is fine-tuned from them on the defender's clean data (``control.CleanControl``: one to
+three minutes on a 2-core CPU), and a suspect that flips the control too is reported as a natural
 feature of the task, not as a trigger.
 
 Writes DIR/scan.json (the verdict, every verified candidate, the settings) and DIR/scan.md.
