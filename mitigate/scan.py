@@ -92,9 +92,8 @@ def run_scan(
     clean_model, control_seconds = None, 0.0
     if reference is not None:
         t = time.perf_counter()
-        dm.setup("fit")
-        clean_model = control.train(reference, num_labels, dm.train_dataloader(one_process=True), net.config.vocab_size,
-                                    device=device, allow_pickle=allow_pickle)
+        clean_model = control.train(reference, num_labels, dm.train_dataloader(one_process=True, name="clean_subset"),
+                                    net.config.vocab_size, device=device, allow_pickle=allow_pickle)
         control_seconds = round(time.perf_counter() - t, 1)
     result = scan_checkpoint(net, dm.tokenizer, held_out, held_out + dm.clean_subset, words, inversion, remove_prior,
                              clean_model, control.natural_flip)

@@ -32,11 +32,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dm = BackdoorDataModule(args.data, tokenizer=args.reference, train_set="clean_subset", clean_fraction=0.2, seed=42)
-    dm.setup("fit")
     start = time.perf_counter()
-    vocab = len(dm.tokenizer)
-    control = CleanControl(epochs=args.epochs, lr=args.lr).train(args.reference, dm.num_classes, dm.train_dataloader(one_process=True),
-                                                                 vocab_size=vocab, show_progress=False)
+    control = CleanControl(epochs=args.epochs, lr=args.lr).train(
+        args.reference, dm.num_classes, dm.train_dataloader(one_process=True, name="clean_subset"),
+        vocab_size=len(dm.tokenizer), show_progress=False)
     held = dm.examples("dev")
     preds = classify_texts(control, dm.tokenizer, [e.text for e in held]).argmax(-1)
     acc = 100 * (preds == torch.tensor([e.label for e in held])).float().mean().item()

@@ -141,3 +141,17 @@ def test_eval_loader_on_a_subset_gives_exactly_those_samples_shortest_first(sst2
     assert lengths == sorted(lengths)
     with pytest.raises(ValueError, match="indices select from one set"):
         dm.eval_loader("dev", "dev_poisoned", indices=picked)
+
+
+def test_clean_subset_loader_is_the_plain_clean_data_under_token_split(tmp_path, sst2_small):
+    """The clean control trains on ``train_dataloader(name="clean_subset")``: the defender's
+    clean texts themselves, never their token-split augmentation (the training set then)."""
+    from mitigate.data.token_split import TokenSplit
+
+    dm = _dm(sst2_small, train_set="clean_subset", clean_fraction=0.25,
+             token_split=TokenSplit(copies=2, cache_dir=str(tmp_path)))
+    assert len(dm.examples("train")) > len(dm.clean_subset)
+    assert dm.examples("clean_subset") == dm.clean_subset
+    loader = dm.train_dataloader(one_process=True, name="clean_subset")
+    seen = sorted(i for batch in loader for i in batch["index"].tolist())
+    assert seen == list(range(len(dm.clean_subset)))

@@ -179,7 +179,8 @@ class BackdoorDataModule(pl.LightningDataModule):
         return [train[i] for i in idx]
 
     def examples(self, name: str) -> list[Example]:
-        """``train`` (per ``train_set``), ``dev``, ``test``, ``dev_poisoned``, ``test_poisoned``."""
+        """``train`` (per ``train_set``), ``dev``, ``test``, ``dev_poisoned``, ``test_poisoned``;
+        ``clean_subset`` (the defender's clean data, never token-split) and ``clean_train``."""
         splits = self.clean_splits
         if name == "train":
             if self.hparams.train_set == "poisoned":
@@ -193,6 +194,8 @@ class BackdoorDataModule(pl.LightningDataModule):
             return self.token_split(train) if self.token_split is not None else train
         if name == "clean_train":
             return splits["train"]
+        if name == "clean_subset":
+            return self.clean_subset
         if name.endswith("_poisoned"):
             split = name.removesuffix("_poisoned")
             return [] if self.poisoner is None else self.poisoner.poison_eval(splits[split], split)
@@ -221,17 +224,18 @@ class BackdoorDataModule(pl.LightningDataModule):
     def _collate(self) -> PadCollator:
         return PadCollator(self.tokenizer.pad_token_id)
 
-    def train_dataloader(self, one_process: bool = False) -> DataLoader:
+    def train_dataloader(self, one_process: bool = False, name: str = "train") -> DataLoader:
         """Seeded, resumable batches. Under DDP each of the N processes takes every N-th sample
         of the same global order, so N processes with batches of B see the global batches of
         one process with batches of N * B (Lightning's own wrapper would shuffle the order
         again, with another seed, and break the length grouping). ``one_process``: those
         global batches, whole, on this process (what a choice made once for all processes,
-        such as a probe fine-tune, must see)."""
-        ds = self.dataset("train")
+        such as a probe fine-tune, must see). ``name``: another set to train on in the same way
+        (``clean_subset``: the defender's plain clean data, e.g. for a clean control)."""
+        ds = self.dataset(name)
         seed = self.hparams.seed
         collate = self._collate()
-        if self.hparams.paired_clean:
+        if self.hparams.paired_clean and name == "train":
             ds = PairedDataset(ds, self.dataset("clean_train"), seed)
             collate = PairedCollator(collate)
         world = self.trainer.world_size if self.trainer is not None else 1

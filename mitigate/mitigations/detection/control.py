@@ -51,14 +51,16 @@ class CleanControl:
         return asdict(self)
 
     def train(self, reference: str, num_labels: int, batches: Iterable[dict], vocab_size: int, *,
-              device: torch.device | str = "cpu", allow_pickle: bool = False, show_progress: bool = True) -> nn.Module:
+              batches_per_epoch: int | None = None, device: torch.device | str = "cpu", allow_pickle: bool = False,
+              show_progress: bool = True) -> nn.Module:
         """The control: ``reference`` with a fresh head (``load_reference``), fine-tuned on the
-        clean ``batches`` (encoded by the suspicious model's tokenizer, whose vocabulary it must
-        share: ``vocab_size``); in eval mode."""
+        clean ``batches`` (the plain clean data, not its token-split augmentation, encoded by the
+        suspicious model's tokenizer, whose vocabulary it must share: ``vocab_size``; the first
+        ``batches_per_epoch`` of them per epoch when given); in eval mode."""
         model, _ = load_reference(reference, num_labels, allow_pickle)
         if model.config.vocab_size != vocab_size:
             raise ValueError(f"control: the reference {reference} has a vocabulary of {model.config.vocab_size} tokens, "
                              f"the suspicious model {vocab_size}; give the pre-trained weights it was fine-tuned from")
         model.to(device)
-        return fine_tune(model, batches, lr=self.lr, epochs=self.epochs, schedule="linear", device=device,
-                         progress="clean control fine-tune", show_progress=show_progress)
+        return fine_tune(model, batches, lr=self.lr, epochs=self.epochs, batches_per_epoch=batches_per_epoch, schedule="linear",
+                         device=device, progress="clean control fine-tune", show_progress=show_progress)

@@ -59,9 +59,9 @@ def scan_checkpoint(model, tokenizer, held_out, support, words: TriggerScan | No
             out["seconds"][name] = round(time.perf_counter() - start, 1)
             out[name] = rows
             found[name] = suspects
+    suspects = merge_suspects(*found.values())
     if control is not None:
         start = time.perf_counter()
-        suspects = merge_suspects(*found.values())
         seed = (words or inversion or TriggerInversion()).seed
         rates = trigger_flip_rates(control, tokenizer, held_out, suspects, seed, remove_prior=remove_prior)
         natural = {s.token_ids for s, r in zip(suspects, rates) if r >= natural_flip}
@@ -69,8 +69,9 @@ def scan_checkpoint(model, tokenizer, held_out, support, words: TriggerScan | No
                            "natural": s.token_ids in natural} for s, r in zip(suspects, rates)]
         out["natural"] = [row for row in out["control"] if row["natural"]]
         found = {name: [s for s in group if s.token_ids not in natural] for name, group in found.items()}
+        suspects = [s for s in suspects if s.token_ids not in natural]
         out["seconds"]["control"] = round(time.perf_counter() - start, 1)
-    out["suspects"] = merge_suspects(*found.values())
+    out["suspects"] = suspects
     labels = []
     for c in range(model.config.num_labels):
         triggers = [{"text": s.text, "token_ids": list(s.token_ids), "flip_rate": round(s.flip_rate, 4), "found_by": name}

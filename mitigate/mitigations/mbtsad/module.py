@@ -334,9 +334,12 @@ class MBTSAD(Mitigation):
         dev = dm.examples("dev")
         clean_model = None
         if self.control is not None and self.hparams.reference is not None:
-            clean_model = self.control.train(self.hparams.reference, self.hparams.num_labels, dm.train_dataloader(one_process=True),
-                                             self.suspicious.config.vocab_size, device=self.device,
-                                             allow_pickle=self.hparams.allow_pickle, show_progress=self.trainer.is_global_zero)
+            # the plain clean data: the training loader may hold its token-split augmentation
+            loader = dm.train_dataloader(one_process=True, name="clean_subset")
+            clean_model = self.control.train(self.hparams.reference, self.hparams.num_labels, loader,
+                                             self.suspicious.config.vocab_size, batches_per_epoch=self.batches_per_epoch(loader),
+                                             device=self.device, allow_pickle=self.hparams.allow_pickle,
+                                             show_progress=self.trainer.is_global_zero)
         natural_flip = self.control.natural_flip if self.control is not None else 0.5
         result = scan_checkpoint(self.suspicious, dm.tokenizer, dev, dev + dm.clean_subset, self.scan, self.inversion,
                                  control=clean_model, natural_flip=natural_flip)
