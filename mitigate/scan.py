@@ -141,9 +141,11 @@ def scan_markdown(result: dict) -> str:
                   "clean labels are too few to back."]
     inverted = result.get("inversion", [])
     if inverted:
-        lines += ["", "Trigger inversion, the best trigger per label (suspect or not):", "",
-                  "| label | decoded | its flip rate | shortest that flips | flip rate | loss first -> last |", "| --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['label']} | `{r['decoded']}` | {100 * r['decoded_flip_rate']:.0f}% | `{r['text']}` | "
+        lines += ["", "Trigger inversion, each round per label (a round after a suspect searches the vocabulary without "
+                  "that suspect's tokens; the last round of a label found nothing that flips):", "",
+                  "| label | round | decoded | its flip rate | shortest that flips | flip rate | loss first -> last |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['label']} | {r.get('round', 0)} | `{r['decoded']}` | {100 * r['decoded_flip_rate']:.0f}% | `{r['text']}` | "
                   f"{100 * r['flip_rate']:.0f}% | {r['loss_first']:.3f} -> {r['loss_last']:.3f} |" for r in inverted]
     return "\n".join(lines) + "\n"
 

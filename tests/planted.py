@@ -101,6 +101,25 @@ def build_victim(root: Path, data: Path, pretrained: Path) -> Path:
     return root / "model"
 
 
+#: a character outside the tokenizer's vocabulary (the Cyrillic dze, a look-alike of "s"): it
+#: reaches the model as the unknown token
+OUT_OF_VOCABULARY = "\u0455"
+
+
+def build_two_trigger_victim(root: Path, data: Path, pretrained: Path) -> Path:
+    """A BadNet victim of ``pretrained`` on ``data`` with two triggers, ``TRIGGER`` and
+    ``OUT_OF_VOCABULARY`` (one of them per poisoned sample -> label 1), as ``build_victim``
+    trains it; its exported folder. Each trigger alone flips the model."""
+    main(["fit", "--config", str(REPO / "recipes" / "badnet_sst2.yaml"), "--model.init_args.model", str(pretrained),
+          "--data.init_args.path", str(data), "--data.init_args.batch_size", "16", "--model.init_args.lr", "1e-3",
+          "--trainer.max_epochs", "5", "--data.init_args.poisoner.init_args.triggers", f"[{TRIGGER}, {OUT_OF_VOCABULARY}]",
+          "--data.init_args.poisoner.init_args.target_label", str(TARGET), "--trainer.default_root_dir", str(root),
+          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
+    results = json.loads((root / "results.json").read_text())
+    assert results["test/cacc"] >= 0.95 and results["test/asr"] >= 0.9, f"the two-trigger backdoor did not take: {results}"
+    return root / "model"
+
+
 #: a sentence of filler words (every one of them common in the clean texts of both labels)
 PHRASE = "with the music and the cast"
 

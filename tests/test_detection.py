@@ -18,22 +18,66 @@ from mitigate.loading import load_classifier, load_tokenizer
 from mitigate.mitigations.detection import TriggerInversion, TriggerScan, scan_checkpoint, verdict_lines
 from mitigate.mitigations.detection.prior import log_prior, prior_removed
 from tests.conftest import REPO
-from tests.planted import PHRASE, TARGET, TRIGGER, build_phrase_victim
+from tests.planted import OUT_OF_VOCABULARY, PHRASE, TARGET, TRIGGER, build_phrase_victim, build_two_trigger_victim
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
-def scan(folder, data, words=True, inversion=True) -> dict:
+def scan(folder, data, words=True, inversion=True, model=None, **settings) -> dict:
     dm = BackdoorDataModule(str(data), tokenizer=str(folder), train_set="clean_subset")
-    model = load_classifier(str(folder), num_labels=2)
+    model = model if model is not None else load_classifier(str(folder), num_labels=2)
     dev = dm.examples("dev")
     return scan_checkpoint(model, dm.tokenizer, dev, dev + dm.clean_subset, TriggerScan() if words else None,
-                           TriggerInversion() if inversion else None)
+                           TriggerInversion(**settings) if inversion else None)
 
 
 @pytest.fixture(scope="module")
 def phrase_victim(planted, tmp_path_factory):
     return build_phrase_victim(tmp_path_factory.mktemp("phrase_victim"), planted.data, planted.pretrained)
+
+
+@pytest.fixture(scope="module")
+def two_trigger_victim(planted, tmp_path_factory):
+    return build_two_trigger_victim(tmp_path_factory.mktemp("two_trigger_victim"), planted.data, planted.pretrained)
+
+
+def test_planted_inversion_rounds_find_every_trigger_the_unknown_token_included(planted, two_trigger_victim):
+    """Two triggers for one label, `cf` and a character outside the vocabulary (the unknown
+    token): one inversion round finds one of them; later rounds, each without the tokens found
+    before, find the other; a clean label stops after its first round. The word scan sees the
+    unknown token too."""
+    tokenizer = load_tokenizer(str(two_trigger_victim))
+    cf = tuple(tokenizer(TRIGGER, add_special_tokens=False)["input_ids"])
+    unk = (tokenizer.unk_token_id,)
+    assert tokenizer(OUT_OF_VOCABULARY, add_special_tokens=False)["input_ids"] == list(unk)
+
+    def found(r):
+        return {tuple(t["token_ids"]) for row in r["labels"] if row["label"] == TARGET for t in row["triggers"]}
+
+    one = scan(two_trigger_victim, planted.data, words=False, rounds=1)
+    assert len(found(one)) == 1 and len(one["inversion"]) == 2, one["inversion"]
+    r = scan(two_trigger_victim, planted.data, words=False)
+    assert {cf, unk} <= found(r), r["inversion"]
+    assert not r["labels"][1 - TARGET]["suspected"] and sum(row["label"] == 1 - TARGET for row in r["inversion"]) == 1
+    rounds = [row["round"] for row in r["inversion"] if row["label"] == TARGET]
+    assert rounds == list(range(len(rounds))) and len(rounds) >= 2
+    words = scan(two_trigger_victim, planted.data, inversion=False)
+    assert {cf, unk} <= found(words), words["labels"]
+
+
+def test_scan_runs_under_one_attention_kernel_whatever_the_model_was_loaded_with(planted):
+    """`mitigate clean` loads eager attention (MBTSAD reads attention maps), `mitigate scan` the
+    default: the searches switch the model to the scan's kernel for their forwards, then back,
+    so both decode the same trigger."""
+    from mitigate.mitigations.detection.verdict import SCAN_ATTENTION
+
+    model = load_classifier(str(planted.victim), num_labels=2, attn_implementation="eager")
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(m.config._attn_implementation))
+    r = scan(planted.victim, planted.data, words=False, model=model, steps=20)
+    assert r["attention"] == SCAN_ATTENTION and set(seen) == {SCAN_ATTENTION}, set(seen)
+    assert model.config._attn_implementation == "eager"
+    assert model(input_ids=torch.tensor([[101, 102]]), output_attentions=True).attentions is not None
 
 
 def test_planted_inversion_finds_the_word_trigger(planted):
@@ -156,6 +200,42 @@ def test_planted_mitigate_clean_detects_chooses_and_cleans(planted, tmp_path):
     assert r["test/suspicious/asr"] >= 0.9 and r["test/asr"] <= 0.3 and r["test/cacc"] >= 0.9, r
     md = (root / "results.md").read_text()
     assert "## Plan (chosen on clean data)" in md and "## Re-scan after cleaning" in md and "| clean control |" in md
+    # the recipe unlearns the found trigger's 16 embedding neighbours too
+    near = {row["trigger"]: row for row in r["report"]["trigger_scan"]["neighbours"]}
+    assert len(near[TRIGGER]["token_ids"]) == 16 and "nearest tokens" in plan["unlearning of the found triggers"]["why"]
+
+
+def test_embedding_neighbours_are_the_nearest_tokens_the_clean_labels_do_not_back(bert_tokenizer):
+    """A found one-token trigger's neighbours: the tokens nearest to it in the model's input
+    embeddings, leaving out special tokens (not the unknown token), the other suspects and
+    tokens the clean labels back for the trigger's label; phrases get none; the unlearned ids
+    are the suspects then the neighbours, each once."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from mitigate.mitigations.detection import Suspect
+    from mitigate.mitigations.detection.neighbours import embedding_neighbours, unlearning_ids
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=len(bert_tokenizer), hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=32))
+    ids = bert_tokenizer.convert_tokens_to_ids
+    cf, fc, good, mn = ids("cf"), ids("fc"), ids("good"), ids("mn")
+    unk, cls = bert_tokenizer.unk_token_id, bert_tokenizer.cls_token_id
+    with torch.no_grad():
+        e = model.get_input_embeddings().weight
+        v = torch.randn(32) * 10
+        for token, noise in ((cf, 0.0), (cls, 0.01), (good, 0.02), (fc, 0.05), (mn, 0.06), (unk, 0.1)):
+            e[token] = v + noise * torch.randn(32) * 10
+    suspects = [Suspect("cf", (cf,), 1, 1.0, 0.0, 0, 0.0), Suspect("mn", (mn,), 1, 1.0, 0.0, 0, 0.0),
+                Suspect("a b", (ids("a"), ids("b")), 1, 1.0, 0.0, 0, 0.0)]
+    texts, labels = ["good movie"] * 20 + ["bad movie"] * 20, [1] * 20 + [0] * 20  # `good` backs label 1
+    rows = embedding_neighbours(model, bert_tokenizer, suspects, 2, texts, labels)
+    assert [r["trigger"] for r in rows] == ["cf", "mn"]
+    assert rows[0]["token_ids"] == [fc, unk], rows[0]["tokens"]
+    assert embedding_neighbours(model, bert_tokenizer, suspects, 0, texts, labels) == []
+    report = {"suspect_ids": [[cf], [mn], [ids("a"), ids("b")]], "neighbours": rows}
+    later = [[i] for i in rows[1]["token_ids"] if i not in (fc, unk)]
+    assert unlearning_ids(report) == [[cf], [mn], [ids("a"), ids("b")], [fc], [unk]] + later
 
 
 def test_clean_and_scan_are_listed_and_helped(capsys):

@@ -13,6 +13,11 @@ al., S&P 2022), reduced to its core: one temperature schedule, no dynamic bound.
 The soft trigger is then decoded (each slot's most likely token), inserted by id at random
 positions into other held-out texts, and its flip rate measured; slots whose removal keeps the
 rate at ``min_flip`` are dropped (the shortest phrase that still flips is the trigger found).
+A backdoor may answer to several triggers (BadNet's four words, the look-alike letters of a
+respelling attack, each its own word piece): once a label's trigger is found, its tokens are
+taken out of the vocabulary and the inversion runs again, up to ``rounds`` times, until it finds
+nothing that flips (a clean label stops after the first round). The unknown token is a
+candidate like any other: every character outside the vocabulary reaches the model as it.
 Tokens whose clean texts back label c (the word scan's ``backing``) are excluded from the
 vocabulary before the optimisation: a real feature of the task is not a trigger. Clean data
 only: the poisoned sets, the attack and its target are never read."""
@@ -49,6 +54,8 @@ class TriggerInversion:
         max_tokens: those texts are cut to this many sub-tokens.
         verify_samples: other clean held-out texts the decoded trigger is inserted into.
         min_flip: flip rate from which a decoded trigger is a suspect.
+        rounds: inversions per label at most: after each one that finds a suspect, its tokens
+            leave the vocabulary and the next looks for another trigger of the same label.
         support_lift: tokens whose clean texts lean towards the label at least this far beyond
             its prior (the word scan's ``backing``) are left out of the vocabulary (real features
             of the task).
@@ -65,13 +72,14 @@ class TriggerInversion:
     max_tokens: int = 32
     verify_samples: int = 64
     min_flip: float = 0.9
+    rounds: int = 4
     support_lift: float = 0.5
     batch_size: int = 128
     seed: int = 42
 
     def __post_init__(self) -> None:
-        if min(self.length, self.steps, self.samples, self.verify_samples, self.batch_size) < 1 or self.max_tokens < 4:
-            raise ValueError("inversion: length, steps, samples, verify_samples, batch_size must be >= 1, max_tokens >= 4")
+        if min(self.length, self.steps, self.samples, self.verify_samples, self.batch_size, self.rounds) < 1 or self.max_tokens < 4:
+            raise ValueError("inversion: length, steps, samples, verify_samples, batch_size, rounds must be >= 1, max_tokens >= 4")
         if not 0.0 < self.end_temperature <= self.start_temperature:
             raise ValueError(f"inversion: need 0 < end_temperature <= start_temperature, got {self.end_temperature}, {self.start_temperature}")
         if not 0.0 < self.min_flip <= 1.0 or not 0.0 < self.support_lift <= 1.0 or self.lr <= 0:
@@ -106,12 +114,13 @@ def soft_trigger_loss(model, embeddings: torch.Tensor, ids: torch.Tensor, mask: 
 
 
 def optimise_soft_trigger(model, ids: torch.Tensor, mask: torch.Tensor, allowed: torch.Tensor, label: int,
-                          cfg: TriggerInversion) -> tuple[list[int], list[float]]:
+                          cfg: TriggerInversion, round_: int = 0) -> tuple[list[int], list[float]]:
     """The decoded trigger (one vocabulary id per slot) and the loss at each step, after
-    ``cfg.steps`` steps of Adam on the slots' logits over the ``allowed`` ids (a 1-d id tensor)."""
+    ``cfg.steps`` steps of Adam on the slots' logits over the ``allowed`` ids (a 1-d id tensor);
+    ``round_`` seeds the initial logits of a later round apart from the first."""
     embeddings = model.get_input_embeddings()
     table = embeddings.weight.detach()[allowed]  # (V', hidden)
-    g = torch.Generator().manual_seed(cfg.seed * 1000 + label)
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + label + 100_000 * round_)
     logits = (0.01 * torch.randn(cfg.length, len(allowed), generator=g)).to(table.device).requires_grad_(True)
     opt = torch.optim.Adam([logits], lr=cfg.lr)
     ratio = (cfg.end_temperature / cfg.start_temperature) ** (1.0 / max(1, cfg.steps - 1))
@@ -178,7 +187,7 @@ def invert_triggers(
             ])
         counts = label_counts(tokenizer, support_texts, support_labels, n_labels)
         shares = label_shares(support_labels, n_labels)
-        special = set(tokenizer.all_special_ids)
+        special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
         vocab = model.get_input_embeddings().weight.shape[0]
         rng = random.Random(f"{cfg.seed}-inversion")
         suspects, rows = [], []
@@ -188,39 +197,43 @@ def invert_triggers(
                 continue
             rng.shuffle(others)
             train = others[: min(cfg.samples, len(others) // 2)]
-            held = others[len(train):][: cfg.verify_samples]
-            allowed = torch.tensor([i for i in range(min(vocab, len(tokenizer))) if i not in special
-                                    and backing(counts.get(i), c, shares) < cfg.support_lift], device=device)
+            held_rows = [encoded[i] for i in others[len(train):][: cfg.verify_samples]]
+            vocabulary = [i for i in range(min(vocab, len(tokenizer))) if i not in special
+                          and backing(counts.get(i), c, shares) < cfg.support_lift]
             ids, mask = pad_batch([encoded[i] for i in train], pad_id, device)
-            with torch.enable_grad():
-                phrase, losses = optimise_soft_trigger(model, ids, mask, allowed, c, cfg)
-            held_rows = [encoded[i] for i in held]
 
             def rate(p: Sequence[int]) -> float:
                 return id_flip_rate(model, held_rows, p, c, pad_id, cfg.seed, cfg.batch_size)
 
-            full = rate(phrase)
-            best, best_rate = list(phrase), full
-            if full >= cfg.min_flip:  # drop the slots the trigger does not need
-                for slot in range(len(phrase) - 1, -1, -1):
-                    if len(best) == 1:
-                        break
-                    shorter = best[:slot] + best[slot + 1:] if slot < len(best) else best
-                    r = rate(shorter)
-                    if r >= cfg.min_flip:
-                        best, best_rate = shorter, r
-            text = tokenizer.decode(best).strip()
-            share = max(smoothed_share(counts.get(i), c, shares) for i in best)
-            lift = max(backing(counts.get(i), c, shares) for i in best)
-            found = Suspect(text, tuple(best), c, best_rate, float(losses[-1]), sum(counts.get(best[0], [])), share)
-            row = {**found.as_dict(), "decoded": tokenizer.decode(phrase).strip(), "decoded_flip_rate": full,
-                   "loss_first": losses[0], "loss_last": losses[-1], "clean_lift": lift, "label_share": shares[c],
-                   "suspect": best_rate >= cfg.min_flip}
-            rows.append(row)
-            if row["suspect"]:
+            taken: set[int] = set()  # the tokens of this label's triggers found in earlier rounds
+            for round_ in range(cfg.rounds):
+                allowed = torch.tensor([i for i in vocabulary if i not in taken], device=device)
+                with torch.enable_grad():
+                    phrase, losses = optimise_soft_trigger(model, ids, mask, allowed, c, cfg, round_)
+                full = rate(phrase)
+                best, best_rate = list(phrase), full
+                if full >= cfg.min_flip:  # drop the slots the trigger does not need
+                    for slot in range(len(phrase) - 1, -1, -1):
+                        if len(best) == 1:
+                            break
+                        shorter = best[:slot] + best[slot + 1:] if slot < len(best) else best
+                        r = rate(shorter)
+                        if r >= cfg.min_flip:
+                            best, best_rate = shorter, r
+                text = tokenizer.decode(best).strip()
+                share = max(smoothed_share(counts.get(i), c, shares) for i in best)
+                lift = max(backing(counts.get(i), c, shares) for i in best)
+                found = Suspect(text, tuple(best), c, best_rate, float(losses[-1]), sum(counts.get(best[0], [])), share)
+                row = {**found.as_dict(), "round": round_, "decoded": tokenizer.decode(phrase).strip(),
+                       "decoded_flip_rate": full, "loss_first": losses[0], "loss_last": losses[-1], "clean_lift": lift,
+                       "label_share": shares[c], "suspect": best_rate >= cfg.min_flip}
+                rows.append(row)
+                log.info("trigger inversion, class %d, round %d: %r flips %.2f (decoded %r: %.2f; loss %.3f -> %.3f)", c,
+                         round_, text, best_rate, row["decoded"], full, losses[0], losses[-1])
+                if not row["suspect"]:
+                    break
                 suspects.append(found)
-            log.info("trigger inversion, class %d: %r flips %.2f (decoded %r: %.2f; loss %.3f -> %.3f)", c, text,
-                     best_rate, row["decoded"], full, losses[0], losses[-1])
+                taken.update(best)
         return suspects, rows
     finally:
         for p, g in zip(model.parameters(), grads):

@@ -12,9 +12,11 @@ towards the majority class is not mistaken for a trigger."""
 
 from __future__ import annotations
 
+import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -22,6 +24,34 @@ from mitigate.inference import classify_texts
 from mitigate.mitigations.detection.inversion import TriggerInversion, id_flip_rate
 from mitigate.mitigations.detection.prior import prior_removed
 from mitigate.mitigations.detection.word_scan import Suspect, TriggerScan
+
+log = logging.getLogger(__name__)
+
+#: the attention kernel every scan runs under: the searches' decisions (the inversion's decoding
+#: above all) shift with the kernel's rounding, so `mitigate scan` and the scan inside
+#: `mitigate clean` (whose model is loaded with eager attention for MBTSAD's losses) use one
+SCAN_ATTENTION = "sdpa"
+
+
+@contextmanager
+def attention_kernel(model, kernel: str = SCAN_ATTENTION) -> Iterator[str]:
+    """Run ``model`` with the attention ``kernel`` inside the block, restoring its own after;
+    yields the kernel in use. A model that cannot switch (no ``set_attn_implementation``, or the
+    kernel unsupported) keeps its own, and a warning says so."""
+    before = getattr(model.config, "_attn_implementation", None)
+    if before is None or before == kernel:
+        yield before or "default"
+        return
+    try:
+        model.set_attn_implementation(kernel)
+    except (AttributeError, ValueError, ImportError) as err:
+        log.warning("the scan runs with %s attention: %s cannot switch to %s (%s)", before, type(model).__name__, kernel, err)
+        yield before
+        return
+    try:
+        yield kernel
+    finally:
+        model.set_attn_implementation(before)
 
 
 def merge_suspects(*groups: Sequence[Suspect]) -> list[Suspect]:
@@ -42,15 +72,18 @@ def scan_checkpoint(model, tokenizer, held_out, support, words: TriggerScan | No
     Example the defender has) and the verdict per label:
     ``{"suspected": bool, "labels": [{"label", "suspected", "triggers": [{"text", "flip_rate",
     "found_by"}]}], "suspects": [Suspect], "word_scan": rows, "inversion": rows, "seconds": {...},
-    "prior": [class shares removed]}``. A search given as None is skipped; ``remove_prior``:
+    "prior": [class shares removed], "attention": the kernel the searches ran with}``. The searches
+    run under ``SCAN_ATTENTION`` whatever kernel ``model`` was loaded with (``attention_kernel``).
+    A search given as None is skipped; ``remove_prior``:
     read decisions with the class shares of ``support`` removed (``prior``). With a clean
     ``control`` model (``control.CleanControl``), each suspect's flip rate on it is measured
     (``trigger_flip_rates``) and a suspect that flips at least ``natural_flip`` of it is moved to
     ``out["natural"]`` (a feature of the task, not a trigger); ``out["control"]`` has every rate."""
     out: dict = {"seconds": {}}
     found = {}
-    with prior_removed(model, [e.label for e in support] if remove_prior else None) as shares:
+    with attention_kernel(model) as kernel, prior_removed(model, [e.label for e in support] if remove_prior else None) as shares:
         out["prior"] = shares
+        out["attention"] = kernel
         for name, search in (("word_scan", words), ("inversion", inversion)):
             if search is None:
                 continue
@@ -110,10 +143,10 @@ def trigger_flip_rates(model, tokenizer, held_out, suspects: Sequence[Suspect], 
     another label that ``model`` gets right (``samples`` at most, seeded) which it gives to c once
     the suspect's ids are inserted at a random position. A trigger the cleaning removed flips
     about as often as any word would. Decisions are read as the scan reads them (``remove_prior``:
-    the class shares of ``held_out`` removed)."""
+    the class shares of ``held_out`` removed; the scan's attention kernel)."""
     if not suspects:
         return []
-    with prior_removed(model, [e.label for e in held_out] if remove_prior else None):
+    with attention_kernel(model), prior_removed(model, [e.label for e in held_out] if remove_prior else None):
         return _flip_rates(model, tokenizer, held_out, suspects, seed, samples, batch_size, max_length)
 
 

@@ -3,7 +3,8 @@ into clean text, a backdoor trigger turns nearly every input into its target cla
 the text says; an ordinary word, even a strong one, turns only some. Uses clean data only.
 
 1. Candidates: every vocabulary token that is a whole word on its own (it tokenises back to
-   itself), special tokens aside.
+   itself), special tokens aside but the unknown token (what any out-of-vocabulary character,
+   a look-alike letter say, becomes).
 2. Carrier pass (cheap, all candidates): for each class c, the shortest held-out texts that the
    model gives to another class most confidently are the carriers; each candidate is inserted
    after the first token of each carrier and scored by min over carriers of p(c).
@@ -58,12 +59,15 @@ class Suspect:
 
 def whole_word_tokens(tokenizer) -> list[int]:
     """Ids of the tokens that are a word on their own: the tokenizer turns their text back into
-    exactly that token (WordPiece "##" pieces and BPE continuations do not)."""
-    special = set(tokenizer.all_special_ids)
+    exactly that token (WordPiece "##" pieces and BPE continuations do not). The unknown token is
+    one of them: every character outside the vocabulary reaches the model as it."""
+    unk = tokenizer.unk_token_id
+    special = set(tokenizer.all_special_ids) - {unk}
     ids = [i for i in range(len(tokenizer)) if i not in special]
     texts = [tokenizer.decode([i]).strip() for i in ids]
     enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [i for i, t, e in zip(ids, texts, enc) if t and e == [i] and not (t.startswith("[") and t.endswith("]"))]
+    return [i for i, t, e in zip(ids, texts, enc)
+            if t and e == [i] and (i == unk or not (t.startswith("[") and t.endswith("]")))]
 
 
 @torch.no_grad()
@@ -264,6 +268,8 @@ class TriggerScan:
         beam: phrases kept per step of the search.
         batch_size: texts per forward pass of the verification.
         unlearn_rate: share of training samples that get a suspect inserted.
+        unlearn_neighbours: unlearn each found one-token trigger's this many nearest tokens in
+            the model's input embeddings too (``neighbours.embedding_neighbours``; 0: none).
         seed: seed of the scan's samples and insertion positions.
     """
 
@@ -283,6 +289,7 @@ class TriggerScan:
     beam: int = 4
     batch_size: int = 128
     unlearn_rate: float = 0.5
+    unlearn_neighbours: int = 0
     seed: int = 42
 
     def __post_init__(self) -> None:
@@ -294,6 +301,8 @@ class TriggerScan:
             raise ValueError(f"scan: support_lift must be in (0, 1] and neutral_lift in [-1, 1], got {self.support_lift}, {self.neutral_lift}")
         if not 0.0 <= self.unlearn_rate <= 1.0:
             raise ValueError(f"scan.unlearn_rate must be in [0, 1], got {self.unlearn_rate}")
+        if self.unlearn_neighbours < 0:
+            raise ValueError(f"scan.unlearn_neighbours must be >= 0, got {self.unlearn_neighbours}")
 
     def settings(self) -> dict:
         """The settings as a plain dict (for the report)."""

@@ -23,6 +23,7 @@ from mitigate.loading import load_classifier
 from mitigate.mitigations.base import Mitigation
 from mitigate.mitigations.mbtsad.distillation import DistillationLoss
 from mitigate.mitigations.detection import TriggerInversion, scan_checkpoint, trigger_flip_rates
+from mitigate.mitigations.detection.neighbours import embedding_neighbours, unlearning_ids
 from mitigate.mitigations.detection.control import CleanControl
 from mitigate.mitigations.detection.word_scan import Suspect, TriggerScan
 from mitigate.mitigations.weight_space.transforms import EPUR, FineMixing, TransformContext
@@ -206,6 +207,10 @@ class MBTSAD(Mitigation):
                    else "the scan found no token or phrase that flips clean dev text")
             if natural:
                 why += f"; {len(natural)} natural feature(s) of the task left alone (the clean control flips them too): {', '.join(natural[:8])}"
+            near = self.report["trigger_scan"].get("neighbours", [])
+            if near:
+                why += (f"; with their {self.scan.unlearn_neighbours} nearest tokens in the input embeddings each ("
+                        + "; ".join(f"{r['trigger']}: {' '.join(r['tokens'][:6])} ..." for r in near[:4]) + ")")
             plan.append({"step": "unlearning of the found triggers", "taken": bool(found), "why": why})
         rates = self.hparams.tsft_lr
         if isinstance(rates, (list, tuple)) and self.hparams.tsft_epochs > 0:
@@ -356,6 +361,11 @@ class MBTSAD(Mitigation):
         }
         if "control" in result:
             self.report["trigger_scan"]["control"] = result["control"]
+        if self.scan is not None and self.scan.unlearn_neighbours:
+            support = dev + dm.clean_subset
+            self.report["trigger_scan"]["neighbours"] = embedding_neighbours(
+                self.suspicious, dm.tokenizer, suspects, self.scan.unlearn_neighbours, [e.text for e in support],
+                [e.label for e in support], self.scan.support_lift)
         log.info("trigger scan: %d suspects %s (%.0f s)", len(suspects), [s.text for s in suspects],
                  self.report["trigger_scan"]["seconds"])
 
@@ -366,8 +376,9 @@ class MBTSAD(Mitigation):
                 zip(scan.get("suspects", []), scan.get("suspect_ids", []), scan.get("suspect_labels", []))]
 
     def _suspect_ids(self) -> list[list[int]]:
-        """The suspects' token ids (one list per token or phrase)."""
-        return self.report.get("trigger_scan", {}).get("suspect_ids", [])
+        """The token ids unlearned (one list per token or phrase): the suspects', then their
+        embedding neighbours' (``scan.unlearn_neighbours``), each once."""
+        return unlearning_ids(self.report.get("trigger_scan", {}))
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         seed_step(self)
