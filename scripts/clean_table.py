@@ -1,6 +1,7 @@
 """The tables of docs/clean.md from the run folders of scripts/evaluate_clean.sh: the scan's
 verdict on every model (``*/scan/scan.json``) and each ``mitigate clean`` run against its
-victim and floor (``clean_*/results.json``), and the clean fine-tuning baseline
+victim and floor (``clean_*/results.json``; ``clean3_*``: the runs with the inversion's rounds and the
+embedding neighbours, docs/clean.md), and the clean fine-tuning baseline
 (``cft_*/results.json``) for the cost ratio; the scans with a clean control
 (``*/scan_control/scan.json``) in a table of their own. Analysis only: it reads the attacks' targets from
 the victims' folder names, which no method sees.
@@ -42,7 +43,7 @@ def scan_rows(root: Path, folder: str = "scan") -> list[str]:
 def clean_rows(root: Path) -> list[str]:
     rows = ["| victim | suspicious CACC / macro-F1 / ASR | cleaned CACC / macro-F1 / ASR | plan | found triggers' flip rate (suspicious -> cleaned) | wall time (s) |",
             "| --- | --- | --- | --- | --- | --- |"]
-    for path in sorted(root.glob("clean_*/results.json")):
+    for path in sorted(root.glob("clean*_*/results.json")):
         r = json.loads(path.read_text())
         if "test/suspicious/asr" not in r:  # a clean model's own run, not a cleaning
             continue
@@ -51,7 +52,7 @@ def clean_rows(root: Path) -> list[str]:
         found = ", ".join(f"`{f['text']}` {100 * f['suspicious']:.0f}->{100 * f['cleaned']:.0f}" for f in rep.get("rescan", {}).get("found", [])[:5])
         sus = f"{pct(r.get('test/suspicious/cacc'))} / {pct(r.get('test/suspicious/macro_f1'))} / {pct(r.get('test/suspicious/asr'))}"
         out = f"{pct(r.get('test/cacc'))} / {pct(r.get('test/macro_f1'))} / {pct(r.get('test/asr'))}"
-        rows.append(f"| {path.parent.name[len('clean_'):]} | {sus} | {out} | {plan} | {found or '-'} | {rep.get('fit_wall_s', '-')} |")
+        rows.append(f"| {path.parent.name.split('_', 1)[1]}{' (' + path.parent.name.split('_', 1)[0] + ')' if path.parent.name.startswith('clean3') else ''} | {sus} | {out} | {plan} | {found or '-'} | {rep.get('fit_wall_s', '-')} |")
     return rows
 
 

@@ -86,4 +86,16 @@ floor floor_badnet_olid_s44 recipes/clean_olid.yaml recipes/victims/badnet_olid.
 victim homograph_sst2_s43 --config recipes/homograph_sst2.yaml --seed_everything 43 --trainer.max_epochs 1
 scan homograph_sst2_s43 sst2
 mitigate clean "$OUT/homograph_sst2_s43/model" --config recipes/victims/homograph_sst2.yaml --trainer.default_root_dir "$OUT/clean_homograph_sst2_s43" --overwrite true > "$OUT/clean_homograph_sst2_s43.log" 2>&1
+# the inversion's rounds, the unknown token, one attention kernel and the embedding neighbours (docs/clean.md):
+# the analysis on the development victims (trigger knowledge: analysis only), then the evaluation victims, each cleaned once
+python scripts/piece_flip_rates.py "$OUT/homograph_sst2_s43/model" sst2 1 "##е" "##о" "##а" "[UNK]" "##у" "##і" "##р" "##с"
+victim homograph_sst2_s44 --config recipes/homograph_sst2.yaml --seed_everything 44 --trainer.max_epochs 1
+scan homograph_sst2_s44 sst2
+victim homograph_sst2_s45 --config recipes/homograph_sst2.yaml --seed_everything 45 --trainer.max_epochs 1
+# LWP seeds 43 and 44: trained after every setting was fixed
+for s in 43 44; do mitigate fit --config recipes/lwp_sst2.yaml --seed_everything $s --trainer.default_root_dir "$OUT/lwp_sst2_s$s" --overwrite true > "$OUT/lwp_sst2_s$s.log" 2>&1; done
+for v in homograph_sst2_s44:homograph_sst2 homograph_sst2_s45:homograph_sst2 lwp_sst2_s42:lwp_sst2 lwp_sst2_s43:lwp_sst2 lwp_sst2_s44:lwp_sst2; do
+  mitigate clean "$OUT/${v%%:*}/model" --config "recipes/victims/${v##*:}.yaml" --trainer.default_root_dir "$OUT/clean3_${v%%:*}" \
+    --overwrite true > "$OUT/clean3_${v%%:*}.log" 2>&1
+done
 python scripts/clean_table.py "$OUT"
