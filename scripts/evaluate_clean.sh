@@ -90,7 +90,6 @@ mitigate clean "$OUT/homograph_sst2_s43/model" --config recipes/victims/homograp
 # the analysis on the development victims (trigger knowledge: analysis only), then the evaluation victims, each cleaned once
 python scripts/piece_flip_rates.py "$OUT/homograph_sst2_s43/model" sst2 1 "##е" "##о" "##а" "[UNK]" "##у" "##і" "##р" "##с"
 victim homograph_sst2_s44 --config recipes/homograph_sst2.yaml --seed_everything 44 --trainer.max_epochs 1
-scan homograph_sst2_s44 sst2
 victim homograph_sst2_s45 --config recipes/homograph_sst2.yaml --seed_everything 45 --trainer.max_epochs 1
 # LWP seeds 43 and 44: trained after every setting was fixed
 for s in 43 44; do mitigate fit --config recipes/lwp_sst2.yaml --seed_everything $s --trainer.default_root_dir "$OUT/lwp_sst2_s$s" --overwrite true > "$OUT/lwp_sst2_s$s.log" 2>&1; done
@@ -98,4 +97,12 @@ for v in homograph_sst2_s44:homograph_sst2 homograph_sst2_s45:homograph_sst2 lwp
   mitigate clean "$OUT/${v%%:*}/model" --config "recipes/victims/${v##*:}.yaml" --trainer.default_root_dir "$OUT/clean3_${v%%:*}" \
     --overwrite true > "$OUT/clean3_${v%%:*}.log" 2>&1
 done
+# `mitigate scan` with the final settings: the victims above, fresh clean models (seed 46), OLID with and without the control
+scan homograph_sst2_s44 sst2
+scan lwp_sst2_s42 sst2
+victim clean_sst2_s46 --config recipes/clean_sst2.yaml --seed_everything 46 --trainer.max_epochs 1
+victim clean_olid_s46 --config recipes/clean_olid.yaml --seed_everything 46 --trainer.max_epochs 1
+scan clean_sst2_s46 sst2
+scan clean_olid_s46 olid
+cscan clean_olid_s46 olid
 python scripts/clean_table.py "$OUT"
