@@ -105,4 +105,7 @@ victim clean_olid_s46 --config recipes/clean_olid.yaml --seed_everything 46 --tr
 scan clean_sst2_s46 sst2
 scan clean_olid_s46 olid
 cscan clean_olid_s46 olid
+# a third homograph evaluation seed, trained after every setting was fixed
+victim homograph_sst2_s46 --config recipes/homograph_sst2.yaml --seed_everything 46 --trainer.max_epochs 1
+mitigate clean "$OUT/homograph_sst2_s46/model" --config recipes/victims/homograph_sst2.yaml --trainer.default_root_dir "$OUT/clean3_homograph_sst2_s46" --overwrite true > "$OUT/clean3_homograph_sst2_s46.log" 2>&1
 python scripts/clean_table.py "$OUT"
