@@ -52,7 +52,9 @@ def clean_rows(root: Path) -> list[str]:
         found = ", ".join(f"`{f['text']}` {100 * f['suspicious']:.0f}->{100 * f['cleaned']:.0f}" for f in rep.get("rescan", {}).get("found", [])[:5])
         sus = f"{pct(r.get('test/suspicious/cacc'))} / {pct(r.get('test/suspicious/macro_f1'))} / {pct(r.get('test/suspicious/asr'))}"
         out = f"{pct(r.get('test/cacc'))} / {pct(r.get('test/macro_f1'))} / {pct(r.get('test/asr'))}"
-        rows.append(f"| {path.parent.name.split('_', 1)[1]}{' (' + path.parent.name.split('_', 1)[0] + ')' if path.parent.name.startswith('clean3') else ''} | {sus} | {out} | {plan} | {found or '-'} | {rep.get('fit_wall_s', '-')} |")
+        run, _, victim = path.parent.name.partition("_")
+        name = victim if run == "clean" else f"{victim} ({run})"
+        rows.append(f"| {name} | {sus} | {out} | {plan} | {found or '-'} | {rep.get('fit_wall_s', '-')} |")
     return rows
 
 

@@ -91,9 +91,10 @@ mitigate clean "$OUT/homograph_sst2_s43/model" --config recipes/victims/homograp
 python scripts/piece_flip_rates.py "$OUT/homograph_sst2_s43/model" sst2 1 "##е" "##о" "##а" "[UNK]" "##у" "##і" "##р" "##с"
 victim homograph_sst2_s44 --config recipes/homograph_sst2.yaml --seed_everything 44 --trainer.max_epochs 1
 victim homograph_sst2_s45 --config recipes/homograph_sst2.yaml --seed_everything 45 --trainer.max_epochs 1
-# LWP seeds 43 and 44: trained after every setting was fixed
+# trained after every setting was fixed: homograph seed 46, LWP seeds 43 and 44 (LWP's own rate, not V's)
+victim homograph_sst2_s46 --config recipes/homograph_sst2.yaml --seed_everything 46 --trainer.max_epochs 1
 for s in 43 44; do mitigate fit --config recipes/lwp_sst2.yaml --seed_everything $s --trainer.default_root_dir "$OUT/lwp_sst2_s$s" --overwrite true > "$OUT/lwp_sst2_s$s.log" 2>&1; done
-for v in homograph_sst2_s44:homograph_sst2 homograph_sst2_s45:homograph_sst2 lwp_sst2_s42:lwp_sst2 lwp_sst2_s43:lwp_sst2 lwp_sst2_s44:lwp_sst2; do
+for v in homograph_sst2_s44:homograph_sst2 homograph_sst2_s45:homograph_sst2 homograph_sst2_s46:homograph_sst2 lwp_sst2_s42:lwp_sst2 lwp_sst2_s43:lwp_sst2 lwp_sst2_s44:lwp_sst2; do
   mitigate clean "$OUT/${v%%:*}/model" --config "recipes/victims/${v##*:}.yaml" --trainer.default_root_dir "$OUT/clean3_${v%%:*}" \
     --overwrite true > "$OUT/clean3_${v%%:*}.log" 2>&1
 done
@@ -105,7 +106,4 @@ victim clean_olid_s46 --config recipes/clean_olid.yaml --seed_everything 46 --tr
 scan clean_sst2_s46 sst2
 scan clean_olid_s46 olid
 cscan clean_olid_s46 olid
-# a third homograph evaluation seed, trained after every setting was fixed
-victim homograph_sst2_s46 --config recipes/homograph_sst2.yaml --seed_everything 46 --trainer.max_epochs 1
-mitigate clean "$OUT/homograph_sst2_s46/model" --config recipes/victims/homograph_sst2.yaml --trainer.default_root_dir "$OUT/clean3_homograph_sst2_s46" --overwrite true > "$OUT/clean3_homograph_sst2_s46.log" 2>&1
 python scripts/clean_table.py "$OUT"
