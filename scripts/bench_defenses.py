@@ -13,11 +13,17 @@ test-set samples sorted by length as in a `mitigate test` run. Each timing is th
 Then (``--options``, on by default) each defense's options against its exact path, every one
 calibrated on the same clean dev subset and run on the same test samples in this process:
 samples/s, the speed ratio to the exact path, the detection (FRR / FAR / AUROC) or correction
-(CACC / ASR) numbers, and the share of samples whose decision equals the exact path's.
+(CACC / ASR) numbers, and the share of samples whose decision equals the exact path's. Beside
+each option, on the device it ran on: its pass-count floor (every model and LM call the option
+made is recorded, shapes and masks, and replayed as plain forward passes under the same
+precision; a call that was back-propagated counts twice) and ``time / floor``; on a GPU also
+the share of the option's wall time that the device spent in kernels (``gpu_busy``, from
+torch.profiler on a second, untimed run).
 
     python scripts/bench_defenses.py                       # BadNet victim, 128 clean + 128 poisoned
     python scripts/bench_defenses.py --model runs/insertsent_sst2/model --onion-samples 16
     python scripts/bench_defenses.py --skip-floor --option-samples 100 --calib-samples 300
+    python scripts/bench_defenses.py --device cuda --skip-floor --option-samples 200   # one GPU
 """
 
 from __future__ import annotations
@@ -58,6 +64,61 @@ def batches_of(examples, tok, batch_size: int) -> list[tuple[dict, list[str]]]:
     return out
 
 
+class PassRecorder:
+    """Records every forward call of the given modules while active: the module, the shape of
+    its ``input_ids`` (or of ``inputs_embeds`` without the hidden axis), its attention mask and
+    whether autograd was recording (a backward pass follows such a call)."""
+
+    def __init__(self, *modules: torch.nn.Module) -> None:
+        self.modules = [m for m in modules if m is not None]
+        self.calls: list[tuple[torch.nn.Module, tuple[int, int], torch.Tensor | None, bool]] = []
+        self._handles = []
+
+    def _hook(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs["inputs_embeds"][..., 0]
+        mask = kwargs.get("attention_mask")
+        self.calls.append((module, tuple(ids.shape), None if mask is None else mask.detach().clone(), torch.is_grad_enabled()))
+
+    def __enter__(self) -> "PassRecorder":
+        self._handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def passes(self) -> int:
+        """Forward passes, a back-propagated call counted twice."""
+        return sum(2 if grad else 1 for *_, grad in self.calls)
+
+
+@torch.no_grad()
+def replay(calls, device) -> None:
+    """The recorded calls as plain forward passes (token id 0 in every position, the recorded
+    mask), a back-propagated call run twice."""
+    for module, shape, mask, grad in calls:
+        ids = torch.zeros(shape, dtype=torch.long, device=device)
+        for _ in range(2 if grad else 1):
+            module(input_ids=ids, attention_mask=mask)
+
+
+def gpu_busy(fn) -> float:
+    """Share of ``fn``'s wall time the GPU spent in kernels (torch.profiler)."""
+    from torch.profiler import profile, ProfilerActivity
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
+    return kernel_us / 1e6 / wall
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -86,6 +147,7 @@ def main() -> None:
                     help="only the options whose label starts with one of these words (the exact path runs first and again last)")
     ap.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"],
                     help="the classifier's attention in the options section (sdpa: what `mitigate test` loads)")
+    ap.add_argument("--no-gpu-busy", action="store_true", help="on a GPU, skip the profiled second run of each option")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (options section only: on a GPU the int8 options, "
                     "which are CPU-only, give way to the trainer's bf16-mixed precision)")
     args = ap.parse_args()
@@ -347,19 +409,37 @@ def bench_options(args, dm, model, tok) -> list[dict]:
             d.on_test_start(trainer, module)
             calib = time.perf_counter() - start
             batches = test_batches(k, batch_size)
+
+            def run_defense():
+                with torch.inference_mode(), d.passes(trainer, module.device):  # as the test loop runs them
+                    for b, texts in batches:
+                        d.defend(trainer, module, b, texts)
+
+            with PassRecorder(d.model(module), getattr(d, "lm", None)) as rec:  # int8: the quantised copies
+                start = time.perf_counter()
+                run_defense()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                wall = time.perf_counter() - start
             start = time.perf_counter()
-            with torch.inference_mode(), d.passes(trainer, module.device):  # as the test loop runs them
-                for b, texts in batches:
-                    d.defend(trainer, module, b, texts)
+            with d.passes(trainer, module.device):
+                replay(rec.calls, device)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            wall = time.perf_counter() - start
-            m = {key: round(float(v) * (100 if key != "removed" else 1), 2) for key, v in d.metric.compute().items()}
-            dec = decisions(d)
+            floor = time.perf_counter() - start
+            m, dec = d.metric.compute(), decisions(d)
+            copies = d.used_sum / d.used_n if getattr(d, "used_n", 0) else None
+            busy = None
+            if device.type == "cuda" and not args.no_gpu_busy:  # a second run, read for its kernel time only
+                busy = round(100 * gpu_busy(run_defense), 1)
+            m = {key: round(float(v) * (100 if key != "removed" else 1), 2) for key, v in m.items()}
             row = {"defense": group, "option": label, "samples": 2 * k, "samples_per_s": round(2 * k / wall, 2),
-                   "calib_s": round(calib, 1), **m}
-            if hasattr(d, "used_n") and d.used_n:
-                row["copies_used"] = round(d.used_sum / d.used_n, 2)
+                   "calib_s": round(calib, 1), "passes": rec.passes(), "floor_samples_per_s": round(2 * k / floor, 2),
+                   "time_over_floor": round(wall / floor, 2), **m}
+            if busy is not None:
+                row["gpu_busy"] = busy
+            if copies is not None:
+                row["copies_used"] = round(copies, 2)
             if exact is None:
                 exact = (row, dec)
                 row["speedup"], row["agreement"] = 1.0, 100.0
@@ -368,7 +448,7 @@ def bench_options(args, dm, model, tok) -> list[dict]:
                 row["agreement"] = round(100 * sum(dec[x] == exact[1].get(x) for x in dec) / max(1, len(dec)), 2)
             results.append(row)
             print(f"  {group} / {label}: {row}", flush=True)
-    cols = ["samples_per_s", "speedup", "agreement", "frr", "far", "auroc", "cacc", "asr", "copies_used", "calib_s"]
+    cols = ["samples_per_s", "floor_samples_per_s", "time_over_floor", "gpu_busy", "speedup", "agreement", "frr", "far", "auroc", "cacc", "asr", "copies_used", "calib_s"]
     print(f"\nOptions against the exact path ({model.name_or_path}; {args.calib_samples} dev samples for every calibration; "
           f"{torch.get_num_threads() if device.type == 'cpu' else torch.cuda.get_device_name(device)}"
           f"{' threads' if device.type == 'cpu' else ''}; rates in %)")
