@@ -249,6 +249,36 @@ def test_epur_as_an_option_of_mbtsad_purifies_teacher_and_student(tmp_path, tiny
         assert torch.allclose(row, pre, atol=1e-5), folder
 
 
+def test_tsft_rate_probes_start_from_the_transformed_weights(tmp_path, tiny_bert, sst2_small, monkeypatch):
+    """With a weight transform (here E-PUR) before TS-FT, the rate probes fine-tune a copy of the
+    weights the teacher starts from (the purified row), not the suspicious model's."""
+    from mitigate.loading import load_classifier, load_tokenizer
+    from mitigate.mitigations import MBTSAD
+    from tests.test_mbtsad import mbtsad_args
+
+    monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
+    victim, tok = load_classifier(str(tiny_bert)), load_tokenizer(str(tiny_bert))
+    cf = tok.convert_tokens_to_ids("cf")
+    with torch.no_grad():
+        victim.get_input_embeddings().weight[cf] += 3.0
+    victim.save_pretrained(tmp_path / "victim")
+    tok.save_pretrained(tmp_path / "victim")
+    started = []
+    probe = MBTSAD.probe
+
+    def recording_probe(self, model, **kw):
+        if kw.get("progress", "").startswith("TS-FT rate probe"):
+            started.append(model.get_input_embeddings().weight[cf].detach().clone())
+        return probe(self, model, **kw)
+
+    monkeypatch.setattr(MBTSAD, "probe", recording_probe)
+    main(mbtsad_args(tmp_path / "victim", sst2_small, tmp_path / "run", "--model.init_args.epur", "mitigate.mitigations.EPUR",
+                     "--model.init_args.epur.init_args.top_n", "5", "--model.init_args.reference", str(tiny_bert),
+                     "--model.init_args.lr", "1e-9", "--model.init_args.tsft_lr", "[1e-9]"))
+    pre = load_classifier(str(tiny_bert)).get_input_embeddings().weight[cf]
+    assert len(started) == 1 and torch.allclose(started[0], pre, atol=1e-6)
+
+
 def stub_context(model, cacc_of):
     """A TransformContext whose dev report reads ``cacc_of(model)`` and whose probe is the identity."""
     from mitigate.mitigations.weight_space.transforms import TransformContext

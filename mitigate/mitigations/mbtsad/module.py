@@ -225,7 +225,8 @@ class MBTSAD(Mitigation):
     # -- choices made on clean data --------------------------------------------------------
     def _choose_tsft_lr(self, candidates: list[float]) -> None:
         """The largest TS-FT rate whose short probe (``probe_fraction`` of a TS-FT epoch from the
-        suspicious model, on the same training data) keeps the clean-dev accuracy (macro-F1 on
+        weights TS-FT starts from: the suspicious model, or its Fine-mixed / E-PUR weights when a
+        transform ran first; on the same training data) keeps the clean-dev accuracy (macro-F1 on
         an imbalanced task, ``mitigate.guard``) within ``probe_cacc_drop`` points of the
         suspicious model's and does not collapse onto one class. When every candidate fails,
         the smallest is halved and probed again, ``rate_backoff`` times at most."""
@@ -237,7 +238,7 @@ class MBTSAD(Mitigation):
         prepare = self._unlearning_step if self.scan is not None and hp.unlearn_tsft else None
         for lr in [*candidates, *backoff]:
             start = time.perf_counter()
-            probe = self.probe(copy.deepcopy(self.suspicious), lr=lr, max_steps=steps, schedule="constant",
+            probe = self.probe(copy.deepcopy(self.teacher), lr=lr, max_steps=steps, schedule="constant",
                                seed=self.trainer.max_epochs * SEED_STRIDE, prepare=prepare, progress=f"TS-FT rate probe {lr:g}")
             report = self.dev_report(probe)
             reason = collapse_reason(report, hp.max_class_share, bound)
