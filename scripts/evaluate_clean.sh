@@ -106,4 +106,12 @@ victim clean_olid_s46 --config recipes/clean_olid.yaml --seed_everything 46 --tr
 scan clean_sst2_s46 sst2
 scan clean_olid_s46 olid
 cscan clean_olid_s46 olid
+
+# the homograph evaluation victims again, with the clean pre-trained weights as reference
+# (Fine-mixing and the clean control join the plan); cleanref0_homograph_sst2_s44 is the run
+# before the TS-FT rate probes started from the Fine-mixed weights
+for s in 44 45 46; do
+  mitigate clean "$OUT/homograph_sst2_s$s/model" --config recipes/victims/homograph_sst2.yaml --model.init_args.reference "$REF" \
+    --trainer.default_root_dir "$OUT/cleanref_homograph_sst2_s$s" --overwrite true > "$OUT/cleanref_homograph_sst2_s$s.log" 2>&1
+done
 python scripts/clean_table.py "$OUT"
