@@ -98,9 +98,13 @@ class PassRecorder:
 @torch.no_grad()
 def replay(calls, device) -> None:
     """The recorded calls as plain forward passes (token id 0 in every position, the recorded
-    mask), a back-propagated call run twice."""
+    mask), a back-propagated call run twice. A call that ran on a key/value cache (ONION's
+    prefix cache: a mask longer than its input) is replayed as its new tokens alone, without
+    the cache, so its floor leaves out the attention to the cached prefix."""
     for module, shape, mask, grad in calls:
         ids = torch.zeros(shape, dtype=torch.long, device=device)
+        if mask is not None and mask.shape[-1] != shape[-1]:
+            mask = mask[..., -shape[-1]:]
         for _ in range(2 if grad else 1):
             module(input_ids=ids, attention_mask=mask)
 

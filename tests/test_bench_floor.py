@@ -38,3 +38,16 @@ def test_recorder_keeps_each_call_and_replay_runs_the_same_passes(tiny_bert):
         b.replay(rec.calls, torch.device("cpu"))
     assert [(shape, grad) for _, shape, _, grad in again.calls] == [((3, 7), False), ((2, 4), False), ((2, 4), False)]
     assert all(torch.equal(a[2], r[2]) for a, r in zip(again.calls, [rec.calls[0], rec.calls[1], rec.calls[1]]))
+
+
+def test_a_call_on_a_cache_is_replayed_as_its_new_tokens():
+    b = bench()
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, input_ids=None, attention_mask=None):
+            seen.append((tuple(input_ids.shape), attention_mask.clone()))
+
+    mask = torch.tensor([[1, 1, 0, 1, 1], [1, 1, 1, 1, 1]])  # 3 cached positions, 2 new tokens
+    b.replay([(Probe(), (2, 2), mask, False)], torch.device("cpu"))
+    assert seen[0][0] == (2, 2) and torch.equal(seen[0][1], mask[:, -2:])
