@@ -211,6 +211,7 @@ def main() -> None:
         if args.attention != model.config._attn_implementation:
             model = load_classifier(args.model, attn_implementation=args.attention).eval()
         options = bench_options(args, dm, model, tok)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).with_name("bench_defense_options.json").write_text(json.dumps(options, indent=2))
     if args.skip_floor:
         return
