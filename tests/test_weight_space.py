@@ -222,21 +222,26 @@ def test_a_reference_of_another_architecture_is_refused(tmp_path, tiny_bert, tin
     assert "does not match the suspicious model" in capsys.readouterr().err
 
 
+def moved_cf_victim(tiny_bert, out) -> int:
+    """A "victim" saved to ``out``: the tiny model with its ``cf`` row moved far (the tiny model
+    itself is the clean reference); returns the ``cf`` token id."""
+    from mitigate.loading import load_classifier, load_tokenizer
+
+    victim, tok = load_classifier(str(tiny_bert)), load_tokenizer(str(tiny_bert))
+    cf = tok.convert_tokens_to_ids("cf")
+    with torch.no_grad():
+        victim.get_input_embeddings().weight[cf] += 3.0
+    victim.save_pretrained(out)
+    tok.save_pretrained(out)
+    return cf
+
+
 def test_epur_as_an_option_of_mbtsad_purifies_teacher_and_student(tmp_path, tiny_bert, sst2_small, monkeypatch):
     from mitigate.loading import load_classifier
     from tests.test_mbtsad import mbtsad_args
 
     monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
-    # a "victim": the tiny model with the cf row moved far; the tiny model itself is the reference
-    victim = load_classifier(str(tiny_bert))
-    from mitigate.loading import load_tokenizer
-
-    tok = load_tokenizer(str(tiny_bert))
-    cf = tok.convert_tokens_to_ids("cf")
-    with torch.no_grad():
-        victim.get_input_embeddings().weight[cf] += 3.0
-    victim.save_pretrained(tmp_path / "victim")
-    tok.save_pretrained(tmp_path / "victim")
+    cf = moved_cf_victim(tiny_bert, tmp_path / "victim")
     root = tmp_path / "run"
     main(mbtsad_args(tmp_path / "victim", sst2_small, root, "--model.init_args.epur", "mitigate.mitigations.EPUR",
                      "--model.init_args.epur.init_args.top_n", "5", "--model.init_args.reference", str(tiny_bert),
@@ -252,17 +257,12 @@ def test_epur_as_an_option_of_mbtsad_purifies_teacher_and_student(tmp_path, tiny
 def test_tsft_rate_probes_start_from_the_transformed_weights(tmp_path, tiny_bert, sst2_small, monkeypatch):
     """With a weight transform (here E-PUR) before TS-FT, the rate probes fine-tune a copy of the
     weights the teacher starts from (the purified row), not the suspicious model's."""
-    from mitigate.loading import load_classifier, load_tokenizer
+    from mitigate.loading import load_classifier
     from mitigate.mitigations import MBTSAD
     from tests.test_mbtsad import mbtsad_args
 
     monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
-    victim, tok = load_classifier(str(tiny_bert)), load_tokenizer(str(tiny_bert))
-    cf = tok.convert_tokens_to_ids("cf")
-    with torch.no_grad():
-        victim.get_input_embeddings().weight[cf] += 3.0
-    victim.save_pretrained(tmp_path / "victim")
-    tok.save_pretrained(tmp_path / "victim")
+    cf = moved_cf_victim(tiny_bert, tmp_path / "victim")
     started = []
     probe = MBTSAD.probe
 

@@ -75,8 +75,8 @@ class MBTSAD(Mitigation):
             points below the suspicious model's dev CACC stops the run before anything is exported.
         max_class_share: the collapse guard: a teacher or student that predicts one class for
             this share of dev stops the run (None: not checked).
-        probe_fraction: each candidate TS-FT rate trains a copy of the weights TS-FT starts from for this
-            fraction of a TS-FT epoch.
+        probe_fraction: each candidate TS-FT rate trains a copy of the weights TS-FT starts from
+            (after Fine-mixing / E-PUR, when set) for this fraction of a TS-FT epoch.
         rate_backoff: when every candidate TS-FT rate fails its probe, halve the smallest and
             probe again, up to this many times, before the run refuses (0: refuse at once).
         inversion: the trigger inversion's settings (``TriggerInversion``; null: none): a soft
