@@ -185,7 +185,8 @@ def test_collapse_guard_stops_mbtsad_exports_nothing_and_keeps_the_numbers(tmp_p
     monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
     root = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
-        main(guarded_args(spread_bert, sst2_small, root, "--trainer.callbacks+=tests.test_mbtsad.CollapseTeacher"))
+        main(guarded_args(spread_bert, sst2_small, root, "--trainer.callbacks+=tests.test_mbtsad.CollapseTeacher",
+                          "--model.init_args.rate_backoff", "0"))
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 1 and "collapse guard: not exported: the TS-FT teacher is not a usable cleaning" in last
     assert "predicts class 0 for 100.0%" in last and "results.md" in last
@@ -236,3 +237,36 @@ def test_diagnosis_script_reports_every_section(tmp_path, tiny_bert, sst2_small,
     assert "## 0." in floor_only and "## 1-2." not in floor_only and "## 4." not in floor_only
     # the floor rows are the same numbers as in the full report
     assert [r for r in floor_only.splitlines() if r.startswith("| victim |")][0] in full
+
+
+def test_a_teacher_that_fails_the_guard_is_trained_again_at_the_next_lower_rate(tmp_path, planted, monkeypatch):
+    """The planted victim's TS-FT teacher collapses (forced); the run does not refuse while a
+    lower rate is left: the teacher is trained again from the TS-FT start at half the rate,
+    passes, and the distillation (lr null) follows it; the run exports."""
+    monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "run"
+    main(guarded_args(planted.victim, planted.data, root, "--trainer.callbacks+=tests.test_mbtsad.CollapseTeacher",
+                      "--model.init_args.lr", "null", "--data.init_args.poisoner.init_args.triggers", "[cf]"))
+    report = json.loads((root / "results.json").read_text())["report"]
+    back = report["teacher_backoff"]
+    assert back["failed"]["lr"] == 1e-3 and back["failed"]["shares"][0] == 1.0
+    assert [(t["lr"], t["accepted"]) for t in back["tried"]] == [(5e-4, True)] and back["chosen"] == 5e-4
+    assert report["learning_rates"] == {"tsft": 5e-4, "distillation": 5e-4}
+    # the teacher distilled from (and tested) is the retrained one, not the collapsed one
+    assert {k: report["teacher_dev"][k] for k in ("cacc", "shares")} == {k: back["tried"][0][k] for k in ("cacc", "shares")}
+    assert "collapse" not in report and "export" not in report and (root / "model").exists()
+    assert any(p["step"] == "TS-FT teacher trained again at a lower rate" and p["taken"] for p in report["plan"])
+
+
+def test_the_guard_refuses_only_once_every_lower_rate_failed(tmp_path, planted, monkeypatch, capsys):
+    """A bound no model can meet (the planted victim's dev CACC + 50): the teacher is trained
+    again at each of the two halvings, then the run refuses and its message names the rates tried."""
+    monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        main(guarded_args(planted.victim, planted.data, root, "--model.init_args.max_cacc_drop", "-50",
+                          "--model.init_args.rate_backoff", "2", "--data.init_args.poisoner.init_args.triggers", "[cf]"))
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "trained again at every lower TS-FT rate (0.0005, 0.00025) and none passed" in last
+    back = json.loads((root / "results.json").read_text())["report"]["teacher_backoff"]
+    assert [(t["lr"], t["accepted"]) for t in back["tried"]] == [(5e-4, False), (2.5e-4, False)] and back["chosen"] is None

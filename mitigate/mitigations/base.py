@@ -96,8 +96,10 @@ class Mitigation(TextClassifier):
     #: models tested beside the cleaned one: attribute name -> results.md row (the cleaned model
     #: is "model", reported under ``test/*``)
     evaluated: dict[str, str] = {"suspicious": "suspicious model", "model": "cleaned"}
-    #: what to lower when the guard fires (appended to its message)
-    guard_hint = "lower model.lr"
+    def guard_hint(self, name: str) -> str:
+        """What to change when the collapse guard fires on the model called ``name`` (appended
+        to its message)."""
+        return "lower model.lr"
 
     def __init__(
         self,
@@ -221,8 +223,9 @@ class Mitigation(TextClassifier):
         reason = collapse_reason(report, self.hparams.max_class_share, self.min_cacc)
         if reason:
             weak = self.weak_suspicious_model()
+            fix = self.guard_hint(name)
             hint = (f"The suspicious model itself {weak}: check the checkpoint and the data before the cleaning"
-                    if weak else f"{self.guard_hint[0].upper()}{self.guard_hint[1:]}")
+                    if weak else f"{fix[0].upper()}{fix[1:]}")
             dev = self.report["suspicious_dev"]
             message = (f"{name} is not a usable cleaning: {reason} (suspicious model: dev {metric_name(dev)} "
                        f"{score(dev):.2f}). {hint}")

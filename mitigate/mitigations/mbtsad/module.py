@@ -78,7 +78,9 @@ class MBTSAD(Mitigation):
         probe_fraction: each candidate TS-FT rate trains a copy of the weights TS-FT starts from
             (after Fine-mixing / E-PUR, when set) for this fraction of a TS-FT epoch.
         rate_backoff: when every candidate TS-FT rate fails its probe, halve the smallest and
-            probe again, up to this many times, before the run refuses (0: refuse at once).
+            probe again, up to this many times, before the run refuses (0: refuse at once). The
+            same rates below the chosen one are what a teacher that fails the collapse guard after
+            its TS-FT is trained again at, in order, before the guard refuses the run.
         inversion: the trigger inversion's settings (``TriggerInversion``; null: none): a soft
             trigger of several tokens optimised in embedding space per label, decoded and verified
             on clean dev data; what it finds joins the scan's suspects (and is unlearned).
@@ -102,7 +104,22 @@ class MBTSAD(Mitigation):
     # eager attention: fused kernels do not return the attention probabilities
     attn_implementation = "eager"
     evaluated = {"suspicious": "suspicious model", "teacher": "TS-FT (teacher)", "model": "MBTSAD (student)"}
-    guard_hint = "lower model.tsft_lr / model.lr (or give tsft_lr candidates to choose from)"
+
+    def guard_hint(self, name: str) -> str:
+        """What to change when the collapse guard fires, from what the run already tried: the
+        teacher's TS-FT rate (and the rates below it) or, for the student, the distillation's."""
+        if name != "the TS-FT teacher":
+            return ("lower model.lr (the distillation's rate; null follows the TS-FT rate)" if self.hparams.lr is None
+                    else "lower model.lr (the distillation's rate)")
+        back = self.report.get("teacher_backoff", {})
+        tried = back.get("tried")
+        if tried and back.get("chosen") is None:
+            rates = ", ".join(f"{t['lr']:g}" for t in tried)
+            return (f"the teacher was trained again at every lower TS-FT rate ({rates}) and none passed: check the "
+                    "clean data and the checkpoint, or raise model.rate_backoff")
+        if isinstance(self.hparams.tsft_lr, (list, tuple)):
+            return "raise model.rate_backoff (no lower TS-FT rate was left to try), or give lower model.tsft_lr candidates"
+        return "lower model.tsft_lr, raise model.rate_backoff, or give tsft_lr candidates to choose from"
 
     def __init__(
         self,
@@ -233,7 +250,7 @@ class MBTSAD(Mitigation):
         hp = self.hparams
         tried = []
         bound = score(self.report["suspicious_dev"]) - hp.probe_cacc_drop
-        backoff = [min(candidates) / 2**k for k in range(1, hp.get("rate_backoff", 3) + 1)]
+        backoff = self._backoff_rates(candidates)
         steps = max(1, math.ceil(hp.probe_fraction * self.batches_per_epoch(self.trainer.datamodule.train_dataloader(one_process=True))))
         prepare = self._unlearning_step if self.scan is not None and hp.unlearn_tsft else None
         for lr in [*candidates, *backoff]:
@@ -254,12 +271,16 @@ class MBTSAD(Mitigation):
         if chosen is None:
             weak = self.weak_suspicious_model()
             fix = (f"the suspicious model itself {weak}: check the checkpoint and the data" if weak
-                   else "give lower model.tsft_lr candidates")
+                   else "give lower model.tsft_lr candidates, or raise model.rate_backoff")
             raise CollapseError(
                 f"no TS-FT rate among {candidates} (nor {backoff}, below them) keeps the clean dev {metric_name(self.report['suspicious_dev'])} above {bound:.2f} "
                 f"without collapsing (probes: {[(t['lr'], t['cacc']) for t in tried]}); {fix}"
             )
         self.report["tsft_lr_choice"]["chosen"] = chosen
+
+    def _backoff_rates(self, candidates: Sequence[float]) -> list[float]:
+        """The rates below the candidates: the smallest halved, ``rate_backoff`` times."""
+        return [min(candidates) / 2**k for k in range(1, self.hparams.get("rate_backoff", 3) + 1)]
 
     def _unlearning_step(self, batch: dict, step: int) -> dict:
         """A probe batch with the scan's suspects inserted (as TS-FT does with ``unlearn_tsft``)."""
@@ -268,6 +289,9 @@ class MBTSAD(Mitigation):
     @property
     def chosen_tsft_lr(self) -> float:
         """The TS-FT rate: the chosen candidate (the largest until chosen), or the one given."""
+        backed_off = self.report.get("teacher_backoff", {}).get("chosen")
+        if backed_off is not None:
+            return backed_off
         rates = self.hparams.tsft_lr
         if isinstance(rates, (list, tuple)):
             return self.report.get("tsft_lr_choice", {}).get("chosen", max(rates))
@@ -286,7 +310,57 @@ class MBTSAD(Mitigation):
 
     def on_train_epoch_end(self) -> None:
         if self.current_epoch == self.hparams.tsft_epochs - 1:
+            distributed = self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
+            if self.trainer.is_global_zero:
+                self._back_off_teacher()
+            if distributed:  # one decision, rank 0's, and its teacher everywhere
+                self._take_rank_zero_choices()
+            if self.report.get("teacher_backoff", {}).get("chosen") is not None:
+                self._set_learning_rates()
             self.report["teacher_dev"] = self.guard("the TS-FT teacher", self.teacher)
+
+    def _back_off_teacher(self) -> None:
+        """When the trained teacher fails the collapse guard on clean dev (a probe passed, but
+        the full TS-FT, in its own data order, did not), train it again from the TS-FT start at
+        each lower rate (the remaining candidates, then ``rate_backoff`` halvings) until one
+        passes; the distillation then runs at that rate too when ``lr`` is None. The student has
+        not trained yet, so it holds the weights TS-FT started from. Each try goes to
+        ``report["teacher_backoff"]``; when none passes, the guard refuses the run as before."""
+        hp = self.hparams
+        if hp.teacher is not None:
+            return
+        first = self.dev_report(self.teacher)
+        why = collapse_reason(first, hp.max_class_share, self.min_cacc)
+        if why is None:
+            return
+        rates = hp.tsft_lr if isinstance(hp.tsft_lr, (list, tuple)) else [hp.tsft_lr]
+        failed = self.chosen_tsft_lr
+        lower = [r for r in [*sorted(rates, reverse=True), *self._backoff_rates(rates)] if r < failed]
+        log.warning("the TS-FT teacher at rate %g fails the collapse guard (%s): training it again at %s", failed, why,
+                    ", ".join(f"{r:g}" for r in lower) or "no lower rate (model.rate_backoff is 0)")
+        prepare = self._unlearning_step if self.scan is not None and hp.unlearn_tsft else None
+        tried = []
+        for i, lr in enumerate(lower):
+            start = time.perf_counter()
+            teacher = self.probe(copy.deepcopy(self.model), lr=lr, epochs=hp.tsft_epochs, schedule=hp.tsft_schedule,
+                                 seed=(self.trainer.max_epochs + 1 + i) * SEED_STRIDE, prepare=prepare,
+                                 progress=f"TS-FT again at rate {lr:g}")
+            report = self.dev_report(teacher)
+            reason = collapse_reason(report, hp.max_class_share, self.min_cacc)
+            tried.append({"lr": lr, **report, "accepted": reason is None, "seconds": round(time.perf_counter() - start, 1)})
+            log.warning("TS-FT teacher again at rate %g: dev CACC %.2f, class shares %s -> %s", lr, report["cacc"],
+                        report["shares"], reason or "accepted")
+            if reason is None:
+                self.teacher.load_state_dict(teacher.state_dict())
+                break
+            del teacher
+        chosen = next((t["lr"] for t in tried if t["accepted"]), None)
+        self.report["teacher_backoff"] = {"failed": {"lr": failed, **first}, "min_cacc": self.min_cacc, "tried": tried,
+                                          "chosen": chosen}
+        self.report.setdefault("plan", []).append({
+            "step": "TS-FT teacher trained again at a lower rate", "taken": chosen is not None,
+            "why": f"the teacher at {failed:g} failed the guard on clean dev ({why}); "
+                   + (f"at {chosen:g} it passed" if chosen is not None else "no lower rate passed")})
 
     def on_train_end(self) -> None:
         self.report["student_dev"] = self.guard("the MBTSAD student", self.model)
