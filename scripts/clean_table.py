@@ -2,7 +2,8 @@
 verdict on every model (``*/scan/scan.json``) and each ``mitigate clean`` run against its
 victim and floor (``clean_*/results.json``; ``clean3_*``: the runs with the inversion's rounds and the
 embedding neighbours; ``cleanref_*``: the same with the clean pre-trained weights as
-reference, ``cleanref0_*`` before the rate probes started from the Fine-mixed weights;
+reference, ``cleanref0_*`` before the rate probes started from the Fine-mixed weights,
+``cleanref1_*`` before a teacher that fails the collapse guard was trained again at a lower rate;
 docs/clean.md), and the clean fine-tuning baseline (``cft_*/results.json``) for the cost ratio; the scans with a clean control
 (``*/scan_control/scan.json``) in a table of their own. Analysis only: it reads the attacks' targets from
 the victims' folder names, which no method sees.

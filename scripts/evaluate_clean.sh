@@ -109,9 +109,21 @@ cscan clean_olid_s46 olid
 
 # the homograph evaluation victims again, with the clean pre-trained weights as reference
 # (Fine-mixing and the clean control join the plan); cleanref0_homograph_sst2_s44 is the run
-# before the TS-FT rate probes started from the Fine-mixed weights
+# before the TS-FT rate probes started from the Fine-mixed weights, cleanref1_homograph_sst2_s46
+# the run before a teacher that fails the collapse guard was trained again at a lower rate
 for s in 44 45 46; do
   mitigate clean "$OUT/homograph_sst2_s$s/model" --config recipes/victims/homograph_sst2.yaml --model.init_args.reference "$REF" \
     --trainer.default_root_dir "$OUT/cleanref_homograph_sst2_s$s" --overwrite true > "$OUT/cleanref_homograph_sst2_s$s.log" 2>&1
+done
+# EP on two more clean models (seeds 46 and 47): evaluation victims, their floors (the clean model
+# each was built from), scans and one cleaning each with the final settings
+victim clean_sst2_s47 --config recipes/clean_sst2.yaml --seed_everything 47 --trainer.max_epochs 1
+for s in 46 47; do
+  mitigate fit --config recipes/ep_sst2.yaml --model.init_args.model "$OUT/clean_sst2_s$s/model" --trainer.default_root_dir "$OUT/ep_sst2_s$s" \
+    --overwrite true > "$OUT/ep_sst2_s$s.log" 2>&1
+  floor floor_ep_s$s recipes/clean_sst2.yaml recipes/victims/ep_sst2.yaml clean_sst2_s$s
+  scan ep_sst2_s$s sst2
+  mitigate clean "$OUT/ep_sst2_s$s/model" --config recipes/victims/ep_sst2.yaml --trainer.default_root_dir "$OUT/clean_ep_sst2_s$s" \
+    --overwrite true > "$OUT/clean_ep_sst2_s$s.log" 2>&1
 done
 python scripts/clean_table.py "$OUT"
