@@ -23,3 +23,16 @@ class RecordChoices(pl.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         out = Path(trainer.default_root_dir) / f"choices.rank{trainer.global_rank}.json"
         out.write_text(json.dumps({k: v for k, v in pl_module.report.items()}, sort_keys=True, default=str))
+
+
+class RecordTeacher(pl.Callback):
+    """Writes each process's teacher back-off record, a checksum of its teacher's weights and the
+    step when the distillation starts, to ``teacher.rank<R>.json``."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch != pl_module.hparams.tsft_epochs:
+            return
+        total = sum(float(t.double().sum()) for t in pl_module.teacher.state_dict().values())
+        out = Path(trainer.default_root_dir) / f"teacher.rank{trainer.global_rank}.json"
+        out.write_text(json.dumps({"backoff": pl_module.report.get("teacher_backoff"), "checksum": total, "step": trainer.global_step,
+                                   "rates": pl_module.report.get("learning_rates")}, sort_keys=True, default=str))

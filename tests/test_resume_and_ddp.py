@@ -159,6 +159,30 @@ def test_linear_decay_matches_transformers_schedule(warmup_ratio):
         assert ours.lr_lambdas[0](step) == ref.lr_lambdas[0](step), step
 
 
+def test_killed_mbtsad_run_after_a_teacher_back_off_resumes_to_bit_identical_weights(tmp_path, planted, monkeypatch):
+    """The teacher collapses (forced) and is trained again at half the rate; a kill two steps into
+    the distillation resumes from the checkpoint of the TS-FT epoch's end to the same teacher,
+    student and results as the run never killed."""
+    from tests.test_mbtsad import guarded_args
+
+    monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
+    common = ["--checkpoint.every_n_train_steps", "1000", "--trainer.deterministic", "true",
+              "--trainer.callbacks+=tests.test_mbtsad.CollapseTeacher", "--trainer.callbacks+=tests.crash.RecordTeacher",
+              "--data.init_args.poisoner.init_args.triggers", "[cf]"]
+
+    def make_args(root, *extra):
+        return guarded_args(planted.victim, planted.data, root, *extra)
+
+    run_mitigate(make_args(tmp_path / "full", *common))
+    tsft_steps = json.loads((tmp_path / "full" / "teacher.rank0.json").read_text())["step"]
+    crash_and_resume(make_args, tmp_path / "crashed", tsft_steps + 2, common, tsft_steps)
+    for name in ("model", "teacher"):
+        assert_same_weights(tmp_path / "full" / name, tmp_path / "crashed" / name)
+    full = results(tmp_path / "full")
+    assert full["report"]["teacher_backoff"]["chosen"] == 5e-4 and "collapse" not in full["report"]
+    assert results(tmp_path / "crashed") == full
+
+
 def test_mbtsad_under_ddp_makes_each_choice_once_and_matches_one_process(tmp_path, bert_tokenizer, monkeypatch):
     """MBTSAD with the recipe's own choices (the trigger scan, the TS-FT rate among candidates, the
     unlearning insertions) on a planted backdoor, 2 CPU processes (gloo) of 16 samples a step
@@ -198,6 +222,36 @@ def test_mbtsad_under_ddp_makes_each_choice_once_and_matches_one_process(tmp_pat
         assert moved > 1e-2 and diff < tolerance * moved, (name, moved, diff)
     proc = run_mitigate(args(tmp_path / "plain", 16, "--trainer.devices", "2", "--trainer.strategy", "ddp"), check=False)
     assert proc.returncode == 1 and "use --trainer.strategy ddp_find_unused_parameters_true" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_teacher_back_off_under_ddp_is_decided_once_and_matches_one_process(tmp_path, bert_tokenizer, monkeypatch):
+    """The teacher collapses (forced) after TS-FT under DDP: rank 0 trains it again at the next
+    lower rate on one process's global batches, and every process distils from that teacher:
+    the same back-off record and the same teacher weights on both ranks as in one process."""
+    from tests.planted import build_victim, write_data, write_pretrained
+    from tests.test_mbtsad import mbtsad_args
+
+    monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
+    data = write_data(tmp_path / "data")
+    victim = build_victim(tmp_path / "victim", data, write_pretrained(tmp_path / "pre", bert_tokenizer, dropout=0.0))
+
+    def args(root, batch, *extra):
+        out = mbtsad_args(victim, data, root, "--trainer.accelerator", "cpu", "--model.init_args.lr", "null",
+                          "--data.init_args.clean_fraction", "0.2", "--data.init_args.poisoner.init_args.triggers", "[cf]",
+                          "--model.init_args.max_class_share", "0.95", "--trainer.callbacks+=tests.test_mbtsad.CollapseTeacher",
+                          "--trainer.callbacks+=tests.crash.RecordTeacher", *extra)
+        return out + ["--data.init_args.batch_size", str(batch)]
+
+    run_mitigate(args(tmp_path / "single", 32, "--trainer.devices", "1"))
+    run_mitigate(args(tmp_path / "ddp", 16, "--trainer.devices", "2", "--trainer.strategy", "ddp_find_unused_parameters_true"))
+    single = drop_timings(json.loads((tmp_path / "single" / "teacher.rank0.json").read_text()))
+    ranks = [drop_timings(json.loads((tmp_path / "ddp" / f"teacher.rank{r}.json").read_text())) for r in (0, 1)]
+    assert single["backoff"]["chosen"] == 5e-4 and single["rates"] == {"tsft": 5e-4, "distillation": 5e-4}
+    assert ranks[0] == ranks[1]  # rank 0's teacher everywhere, to the bit
+    # the same decision, from the same clean-dev reports, as one process; the weights as close as
+    # float sums in another order allow (seen: checksums 154.7441 and 154.7451)
+    assert {k: v for k, v in ranks[0].items() if k != "checksum"} == {k: v for k, v in single.items() if k != "checksum"}
+    assert ranks[0]["checksum"] == pytest.approx(single["checksum"], rel=1e-4)
 
 
 @pytest.mark.parametrize("attack", ["ep", "ripples"])
