@@ -126,4 +126,9 @@ for s in 46 47; do
   mitigate clean "$OUT/ep_sst2_s$s/model" --config recipes/victims/ep_sst2.yaml --trainer.default_root_dir "$OUT/clean_ep_sst2_s$s" \
     --overwrite true > "$OUT/clean_ep_sst2_s$s.log" 2>&1
 done
+# BadNet on SST-2 88/12, a second seed (trained after every setting was fixed), scanned and cleaned once
+victim badnet_imb_s43 --config recipes/badnet_sst2.yaml --data.init_args.path runs/data/sst2_88_12 --seed_everything 43
+scan badnet_imb_s43 runs/data/sst2_88_12
+mitigate clean "$OUT/badnet_imb_s43/model" --data.init_args.path runs/data/sst2_88_12 \
+  --trainer.default_root_dir "$OUT/clean_badnet_imb_s43" --overwrite true > "$OUT/clean_badnet_imb_s43.log" 2>&1
 python scripts/clean_table.py "$OUT"
