@@ -183,6 +183,24 @@ def test_killed_mbtsad_run_after_a_teacher_back_off_resumes_to_bit_identical_wei
     assert results(tmp_path / "crashed") == full
 
 
+def planted_ddp_args(tmp_path: Path, tokenizer, *common):
+    """A planted victim without dropout (DDP and one process then compute the same thing), and
+    ``args(root, batch, *extra)``: MBTSAD on it on the CPU, ``lr`` null, ``common`` added."""
+    from tests.planted import build_victim, write_data, write_pretrained
+    from tests.test_mbtsad import mbtsad_args
+
+    data = write_data(tmp_path / "data")
+    victim = build_victim(tmp_path / "victim", data, write_pretrained(tmp_path / "pre", tokenizer, dropout=0.0))
+
+    def args(root, batch, *extra):
+        out = mbtsad_args(victim, data, root, "--trainer.accelerator", "cpu", "--model.init_args.lr", "null",
+                          "--data.init_args.clean_fraction", "0.2", "--data.init_args.poisoner.init_args.triggers", "[cf]",
+                          *common, *extra)
+        return out + ["--data.init_args.batch_size", str(batch)]
+
+    return victim, args
+
+
 def test_mbtsad_under_ddp_makes_each_choice_once_and_matches_one_process(tmp_path, bert_tokenizer, monkeypatch):
     """MBTSAD with the recipe's own choices (the trigger scan, the TS-FT rate among candidates, the
     unlearning insertions) on a planted backdoor, 2 CPU processes (gloo) of 16 samples a step
@@ -190,18 +208,9 @@ def test_mbtsad_under_ddp_makes_each_choice_once_and_matches_one_process(tmp_pat
     single process's (same scan rows, same probes), the same metrics, and nearly the same weights
     (no dropout; the hidden-state loss averages over each process's own real tokens, and float
     sums run in another order). Plain `ddp` stops with what to set."""
-    from tests.planted import build_victim, write_data, write_pretrained
-    from tests.test_mbtsad import mbtsad_args
-
     monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
-    data = write_data(tmp_path / "data")
-    victim = build_victim(tmp_path / "victim", data, write_pretrained(tmp_path / "pre", bert_tokenizer, dropout=0.0))
-
-    def args(root, batch, *extra):
-        out = mbtsad_args(victim, data, root, "--trainer.accelerator", "cpu", "--model.init_args.tsft_lr", "[10.0, 2e-3, 1e-3]",
-                          "--model.init_args.lr", "null", "--data.init_args.clean_fraction", "0.2",
-                          "--data.init_args.poisoner.init_args.triggers", "[cf]", "--trainer.callbacks+=tests.crash.RecordChoices", *extra)
-        return out + ["--data.init_args.batch_size", str(batch)]
+    victim, args = planted_ddp_args(tmp_path, bert_tokenizer, "--model.init_args.tsft_lr", "[10.0, 2e-3, 1e-3]",
+                                    "--trainer.callbacks+=tests.crash.RecordChoices")
 
     run_mitigate(args(tmp_path / "single", 32, "--trainer.devices", "1"))
     run_mitigate(args(tmp_path / "ddp", 16, "--trainer.devices", "2", "--trainer.strategy", "ddp_find_unused_parameters_true"))
@@ -228,19 +237,9 @@ def test_teacher_back_off_under_ddp_is_decided_once_and_matches_one_process(tmp_
     """The teacher collapses (forced) after TS-FT under DDP: rank 0 trains it again at the next
     lower rate on one process's global batches, and every process distils from that teacher:
     the same back-off record and the same teacher weights on both ranks as in one process."""
-    from tests.planted import build_victim, write_data, write_pretrained
-    from tests.test_mbtsad import mbtsad_args
-
     monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
-    data = write_data(tmp_path / "data")
-    victim = build_victim(tmp_path / "victim", data, write_pretrained(tmp_path / "pre", bert_tokenizer, dropout=0.0))
-
-    def args(root, batch, *extra):
-        out = mbtsad_args(victim, data, root, "--trainer.accelerator", "cpu", "--model.init_args.lr", "null",
-                          "--data.init_args.clean_fraction", "0.2", "--data.init_args.poisoner.init_args.triggers", "[cf]",
-                          "--model.init_args.max_class_share", "0.95", "--trainer.callbacks+=tests.test_mbtsad.CollapseTeacher",
-                          "--trainer.callbacks+=tests.crash.RecordTeacher", *extra)
-        return out + ["--data.init_args.batch_size", str(batch)]
+    _, args = planted_ddp_args(tmp_path, bert_tokenizer, "--model.init_args.max_class_share", "0.95",
+                               "--trainer.callbacks+=tests.test_mbtsad.CollapseTeacher", "--trainer.callbacks+=tests.crash.RecordTeacher")
 
     run_mitigate(args(tmp_path / "single", 32, "--trainer.devices", "1"))
     run_mitigate(args(tmp_path / "ddp", 16, "--trainer.devices", "2", "--trainer.strategy", "ddp_find_unused_parameters_true"))

@@ -133,13 +133,17 @@ class Mitigation(TextClassifier):
     def on_fit_start(self) -> None:
         self.check_trainer()
         if "suspicious_dev" not in self.report:  # resumed: the choices are in the checkpoint
-            distributed = self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
             if self.trainer.is_global_zero:
                 self.report["suspicious_dev"] = self.dev_report(self.suspicious)
                 self.prepare()
-            if distributed:
+            if self.distributed:
                 self._take_rank_zero_choices()
         self.apply_choices()
+
+    @property
+    def distributed(self) -> bool:
+        """Whether this run has several processes (the choices are then made on rank 0)."""
+        return self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
 
     def _take_rank_zero_choices(self) -> None:
         """Rank 0's report, state and weights on every process."""
@@ -214,12 +218,13 @@ class Mitigation(TextClassifier):
         drop = self.hparams.max_cacc_drop
         return None if drop is None else score(self.report["suspicious_dev"]) - drop
 
-    def guard(self, name: str, model: nn.Module) -> dict:
-        """Clean-dev report of ``model``. When it predicts one class for ``max_class_share`` of
-        dev or falls below ``min_cacc``, the collapse is recorded in the report
-        (``report["collapse"]``), training stops, and the export refuses the model; the test
-        still runs, so the numbers of the failed cleaning are kept."""
-        report = self.dev_report(model)
+    def guard(self, name: str, model: nn.Module, report: dict | None = None) -> dict:
+        """Clean-dev report of ``model`` (``report``, when already measured on these weights).
+        When it predicts one class for ``max_class_share`` of dev or falls below ``min_cacc``,
+        the collapse is recorded in the report (``report["collapse"]``), training stops, and the
+        export refuses the model; the test still runs, so the numbers of the failed cleaning are
+        kept."""
+        report = self.dev_report(model) if report is None else report
         reason = collapse_reason(report, self.hparams.max_class_share, self.min_cacc)
         if reason:
             weak = self.weak_suspicious_model()

@@ -282,6 +282,13 @@ class MBTSAD(Mitigation):
         """The rates below the candidates: the smallest halved, ``rate_backoff`` times."""
         return [min(candidates) / 2**k for k in range(1, self.hparams.get("rate_backoff", 3) + 1)]
 
+    def _rate_ladder(self) -> list[float]:
+        """Every TS-FT rate the run may use, largest first: the candidates (or the one rate
+        given), then the back-off halvings below them."""
+        rates = self.hparams.tsft_lr
+        rates = sorted(rates, reverse=True) if isinstance(rates, (list, tuple)) else [rates]
+        return [*rates, *self._backoff_rates(rates)]
+
     def _unlearning_step(self, batch: dict, step: int) -> dict:
         """A probe batch with the scan's suspects inserted (as TS-FT does with ``unlearn_tsft``)."""
         return self.scan.unlearning_batch(batch, self._suspect_ids(), step, self.trainer.datamodule.tokenizer.pad_token_id)[0]
@@ -310,32 +317,29 @@ class MBTSAD(Mitigation):
 
     def on_train_epoch_end(self) -> None:
         if self.current_epoch == self.hparams.tsft_epochs - 1:
-            distributed = self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
             if self.trainer.is_global_zero:
-                self._back_off_teacher()
-            if distributed:  # one decision, rank 0's, and its teacher everywhere
+                self.report["teacher_dev"] = self._back_off_teacher()
+            if self.distributed:  # one decision, rank 0's, and its teacher everywhere
                 self._take_rank_zero_choices()
             if self.report.get("teacher_backoff", {}).get("chosen") is not None:
                 self._set_learning_rates()
-            self.report["teacher_dev"] = self.guard("the TS-FT teacher", self.teacher)
+            self.report["teacher_dev"] = self.guard("the TS-FT teacher", self.teacher, self.report.get("teacher_dev"))
 
-    def _back_off_teacher(self) -> None:
-        """When the trained teacher fails the collapse guard on clean dev (a probe passed, but
-        the full TS-FT, in its own data order, did not), train it again from the TS-FT start at
-        each lower rate (the remaining candidates, then ``rate_backoff`` halvings) until one
-        passes; the distillation then runs at that rate too when ``lr`` is None. The student has
-        not trained yet, so it holds the weights TS-FT started from. Each try goes to
+    def _back_off_teacher(self) -> dict:
+        """The trained teacher's clean-dev report. When it fails the collapse guard (a probe
+        passed, but the full TS-FT, in its own data order, did not), the teacher is trained again
+        from the TS-FT start at each lower rate (the remaining candidates, then the
+        ``rate_backoff`` halvings) until one passes, and that one's report is returned; the
+        distillation then runs at that rate too when ``lr`` is None. The student has not trained
+        yet, so it holds the weights TS-FT started from. Each try goes to
         ``report["teacher_backoff"]``; when none passes, the guard refuses the run as before."""
         hp = self.hparams
-        if hp.teacher is not None:
-            return
         first = self.dev_report(self.teacher)
         why = collapse_reason(first, hp.max_class_share, self.min_cacc)
         if why is None:
-            return
-        rates = hp.tsft_lr if isinstance(hp.tsft_lr, (list, tuple)) else [hp.tsft_lr]
+            return first
         failed = self.chosen_tsft_lr
-        lower = [r for r in [*sorted(rates, reverse=True), *self._backoff_rates(rates)] if r < failed]
+        lower = [r for r in self._rate_ladder() if r < failed]
         log.warning("the TS-FT teacher at rate %g fails the collapse guard (%s): training it again at %s", failed, why,
                     ", ".join(f"{r:g}" for r in lower) or "no lower rate (model.rate_backoff is 0)")
         prepare = self._unlearning_step if self.scan is not None and hp.unlearn_tsft else None
@@ -354,13 +358,17 @@ class MBTSAD(Mitigation):
                 self.teacher.load_state_dict(teacher.state_dict())
                 break
             del teacher
-        chosen = next((t["lr"] for t in tried if t["accepted"]), None)
+        accepted = next((t for t in tried if t["accepted"]), None)
+        chosen = accepted["lr"] if accepted else None
         self.report["teacher_backoff"] = {"failed": {"lr": failed, **first}, "min_cacc": self.min_cacc, "tried": tried,
                                           "chosen": chosen}
         self.report.setdefault("plan", []).append({
             "step": "TS-FT teacher trained again at a lower rate", "taken": chosen is not None,
             "why": f"the teacher at {failed:g} failed the guard on clean dev ({why}); "
                    + (f"at {chosen:g} it passed" if chosen is not None else "no lower rate passed")})
+        if accepted is None:
+            return first
+        return {k: v for k, v in accepted.items() if k not in ("lr", "accepted", "seconds")}
 
     def on_train_end(self) -> None:
         self.report["student_dev"] = self.guard("the MBTSAD student", self.model)
