@@ -36,3 +36,17 @@ class RecordTeacher(pl.Callback):
         out = Path(trainer.default_root_dir) / f"teacher.rank{trainer.global_rank}.json"
         out.write_text(json.dumps({"backoff": pl_module.report.get("teacher_backoff"), "checksum": total, "step": trainer.global_step,
                                    "rates": pl_module.report.get("learning_rates")}, sort_keys=True, default=str))
+
+
+class RecordExport(pl.Callback):
+    """Writes each process's export choice and checksums of its output and teacher weights when
+    fit ends (after the module's end-of-training choice), to ``export.rank<R>.json``."""
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        def checksum(model) -> float:
+            return sum(float(t.double().sum()) for t in model.state_dict().values())
+
+        choice = {k: v for k, v in (pl_module.report.get("export_choice") or {}).items() if k != "seconds"}
+        out = Path(trainer.default_root_dir) / f"export.rank{trainer.global_rank}.json"
+        out.write_text(json.dumps({"choice": choice, "model": checksum(pl_module.model), "teacher": checksum(pl_module.teacher),
+                                   "collapse": pl_module.report.get("collapse")}, sort_keys=True, default=str))

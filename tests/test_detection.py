@@ -80,6 +80,24 @@ def test_scan_runs_under_one_attention_kernel_whatever_the_model_was_loaded_with
     assert model(input_ids=torch.tensor([[101, 102]]), output_attentions=True).attentions is not None
 
 
+def test_trigger_flip_rates_read_the_model_without_dropout_and_restore_its_mode(planted):
+    """The re-scan and the export choice measure a student that ends training in train mode:
+    the flip rates are those of eval mode (no dropout) whatever mode the model is in, and the
+    model's own mode comes back after."""
+    from mitigate.mitigations.detection import Suspect, trigger_flip_rates
+
+    dm = BackdoorDataModule(str(planted.data), tokenizer=str(planted.victim), train_set="clean_subset")
+    model = load_classifier(str(planted.victim), num_labels=2)
+    assert model.config.hidden_dropout_prob > 0
+    tokenizer = load_tokenizer(str(planted.victim))
+    words = [TRIGGER, "the", "movie", "great", "bad", "and"]
+    suspects = [Suspect(w, tuple(tokenizer(w, add_special_tokens=False)["input_ids"]), TARGET, 0, 0, 0, 0) for w in words]
+    dev = dm.examples("dev")
+    evaluated = trigger_flip_rates(model.eval(), dm.tokenizer, dev, suspects)
+    assert trigger_flip_rates(model.train(), dm.tokenizer, dev, suspects) == evaluated and model.training
+    assert evaluated[0] >= 0.9, evaluated
+
+
 def test_planted_inversion_finds_the_word_trigger(planted):
     r = scan(planted.victim, planted.data, words=False)
     by_label = {row["label"]: row for row in r["labels"]}
@@ -197,6 +215,9 @@ def test_planted_mitigate_clean_detects_chooses_and_cleans(planted, tmp_path):
     assert not checked[TRIGGER]["natural"] and checked[TRIGGER]["control_flip_rate"] < 0.5, checked
     found = {row["text"]: row for row in r["report"]["rescan"]["found"]}
     assert found[TRIGGER]["suspicious"] >= 0.9 and found[TRIGGER]["cleaned"] <= 0.3, found
+    # the recipe's export choice keeps the student: no found trigger is live on it
+    choice = r["report"]["export_choice"]
+    assert choice["exported"] == "student" and choice["student"]["live"] == [] and "teacher" not in choice, choice
     assert r["test/suspicious/asr"] >= 0.9 and r["test/asr"] <= 0.3 and r["test/cacc"] >= 0.9, r
     md = (root / "results.md").read_text()
     assert "## Plan (chosen on clean data)" in md and "## Re-scan after cleaning" in md and "| clean control |" in md

@@ -270,3 +270,61 @@ def test_the_guard_refuses_only_once_every_lower_rate_failed(tmp_path, planted, 
     assert "trained again at every lower TS-FT rate (0.0005, 0.00025) and none passed" in last
     back = json.loads((root / "results.json").read_text())["report"]["teacher_backoff"]
     assert [(t["lr"], t["accepted"]) for t in back["tried"]] == [(5e-4, False), (2.5e-4, False)] and back["chosen"] is None
+
+
+class ReplantStudent(pl.Callback):
+    """When training ends (before the module's own end-of-training choice), the student gets the
+    suspicious weights back: a distillation that removed nothing."""
+
+    def on_train_end(self, trainer, pl_module):
+        pl_module.model.load_state_dict(pl_module.suspicious.state_dict())
+
+
+class CollapseStudent(pl.Callback):
+    """When training ends, the student is forced to one class."""
+
+    def on_train_end(self, trainer, pl_module):
+        with torch.no_grad():
+            pl_module.model.classifier.bias.copy_(torch.tensor([1e4, 0.0]))
+
+
+@pytest.mark.parametrize("live_flip", ["0.5", "null"])
+def test_a_student_that_kept_the_trigger_gives_way_to_the_teacher(tmp_path, planted, monkeypatch, live_flip):
+    """The planted victim's student ends with the backdoor intact (forced); the teacher, trained
+    with the found trigger unlearned, does not follow it. With ``live_flip`` the export choice
+    reads that from clean dev alone and the teacher is the output: exported, tested and carded
+    in the student's place, and the backdoor is gone. Without it (the paper's rule) the student
+    is the output and the backdoor stays: the choice is what removes it."""
+    monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "run"
+    main(guarded_args(planted.victim, planted.data, root, "--trainer.callbacks+=tests.test_mbtsad.ReplantStudent",
+                      "--model.init_args.live_flip", live_flip, "--data.init_args.poisoner.init_args.triggers", "[cf]"))
+    r = json.loads((root / "results.json").read_text())
+    assert r["test/suspicious/asr"] >= 0.9 and r["test/teacher/asr"] <= 0.3, r
+    if live_flip == "null":
+        assert "export_choice" not in r["report"] and r["test/asr"] >= 0.9, r
+        return
+    choice = r["report"]["export_choice"]
+    assert choice["exported"] == "teacher" and "cf" in choice["student"]["live"] and choice["teacher"]["live"] == [], choice
+    assert r["test/asr"] == r["test/teacher/asr"] and r["test/cacc"] == r["test/teacher/cacc"] and r["test/cacc"] >= 0.9, r
+    exported = load_classifier(str(root / "model"), num_labels=2).state_dict()
+    teacher = load_classifier(str(root / "teacher"), num_labels=2).state_dict()
+    assert all(torch.equal(exported[k], teacher[k]) for k in teacher)
+    assert any(p["step"] == "the TS-FT teacher exported in the student's place" and p["taken"] for p in r["report"]["plan"])
+    md = (root / "results.md").read_text()
+    assert "## Export choice" in md and "| output: the TS-FT teacher (export choice) |" in md
+    assert "This model is the TS-FT teacher" in (root / "model" / "README.md").read_text()
+
+
+def test_a_student_that_fails_the_guard_gives_way_to_a_teacher_that_passed(tmp_path, planted, monkeypatch):
+    """The student collapses onto one class after the distillation (forced): with ``live_flip``
+    the run does not refuse, since the teacher passed the guard: the teacher is exported."""
+    monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "run"
+    main(guarded_args(planted.victim, planted.data, root, "--trainer.callbacks+=tests.test_mbtsad.CollapseStudent",
+                      "--model.init_args.live_flip", "0.5", "--data.init_args.poisoner.init_args.triggers", "[cf]"))
+    r = json.loads((root / "results.json").read_text())
+    choice = r["report"]["export_choice"]
+    assert choice["exported"] == "teacher" and "fails the collapse guard" in choice["why"], choice
+    assert choice["student"]["dev"]["shares"][0] == 1.0 and "collapse" not in r["report"] and (root / "model").exists()
+    assert r["test/cacc"] == r["test/teacher/cacc"] >= 0.9 and r["report"]["student_dev"]["shares"][0] == 1.0, r

@@ -253,6 +253,20 @@ def test_teacher_back_off_under_ddp_is_decided_once_and_matches_one_process(tmp_
     assert ranks[0]["checksum"] == pytest.approx(single["checksum"], rel=1e-4)
 
 
+def test_export_choice_under_ddp_is_made_once_and_every_rank_outputs_the_teacher(tmp_path, bert_tokenizer, monkeypatch):
+    """The student ends with the backdoor intact (forced) under DDP: rank 0 reads the clean-dev
+    evidence and chooses the teacher, and both ranks hold that choice and the teacher's weights
+    as their output (the test after fit runs on every rank)."""
+    monkeypatch.setenv("MITIGATE_CACHE_DIR", str(tmp_path / "cache"))
+    _, args = planted_ddp_args(tmp_path, bert_tokenizer, "--model.init_args.live_flip", "0.5",
+                               "--trainer.callbacks+=tests.test_mbtsad.ReplantStudent", "--trainer.callbacks+=tests.crash.RecordExport")
+    run_mitigate(args(tmp_path / "ddp", 16, "--trainer.devices", "2", "--trainer.strategy", "ddp_find_unused_parameters_true"))
+    ranks = [json.loads((tmp_path / "ddp" / f"export.rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] and ranks[0]["collapse"] is None
+    assert ranks[0]["choice"]["exported"] == "teacher" and ranks[0]["model"] == ranks[0]["teacher"], ranks[0]
+    assert results(tmp_path / "ddp")["test/asr"] <= 0.3
+
+
 @pytest.mark.parametrize("attack", ["ep", "ripples"])
 def test_killed_attack_run_resumes_to_bit_identical_weights(tmp_path, tiny_bert, sst2_small, attack):
     # EP: the running gradient sum lives in the optimizer state; RIPPLES: paired clean batches,

@@ -169,10 +169,21 @@ def report_sections(report: dict) -> list[str]:
             again = "; ".join(f"label {r['label']}: `{r['text']}` {100 * r['flip_rate']:.0f}%" for r in rescan["inversion_after"])
             lines += ["", f"Trigger inversion of the cleaned model: {'backdoor still suspected' if rescan['suspected_after'] else 'nothing flips'} ({again})."]
         lines.append("")
+    choice = report.get("export_choice")
+    if choice:
+        lines += ["## Export choice (clean dev data only)", "",
+                  f"Exported: **{'the TS-FT teacher' if choice['exported'] == 'teacher' else 'the MBTSAD student'}**: {choice['why']}. "
+                  f"A found trigger is live on a model when it flips >= {100 * choice['live_flip']:.0f}% of the clean dev samples "
+                  "it is inserted into.", ""]
+        if "teacher" in choice and choice["suspects"]:
+            lines += ["| found trigger | flip rate, student | flip rate, teacher |", "| --- | --- | --- |"]
+            lines += [f"| {t} | {100 * a:.1f} | {100 * b:.1f} |" for t, a, b in
+                      zip(choice["suspects"], choice["student"]["flips"], choice["teacher"]["flips"])]
+            lines.append("")
     if "fit_wall_s" in report:
         lines += [f"Training wall time (`fit`, this process): {report['fit_wall_s']} s.", ""]
     for key, value in report.items():
-        if key not in ("trigger_scan", "fit_wall_s", "test_data", "export", "plan", "rescan"):
+        if key not in ("trigger_scan", "fit_wall_s", "test_data", "export", "plan", "rescan", "export_choice"):
             lines += [f"## {key}", "", "```", json.dumps(value, indent=2), "```", ""]
     return lines
 

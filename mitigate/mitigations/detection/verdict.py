@@ -143,11 +143,17 @@ def trigger_flip_rates(model, tokenizer, held_out, suspects: Sequence[Suspect], 
     another label that ``model`` gets right (``samples`` at most, seeded) which it gives to c once
     the suspect's ids are inserted at a random position. A trigger the cleaning removed flips
     about as often as any word would. Decisions are read as the scan reads them (``remove_prior``:
-    the class shares of ``held_out`` removed; the scan's attention kernel)."""
+    the class shares of ``held_out`` removed; the scan's attention kernel), in eval mode (no
+    dropout; the model's own mode is restored after)."""
     if not suspects:
         return []
-    with attention_kernel(model), prior_removed(model, [e.label for e in held_out] if remove_prior else None):
-        return _flip_rates(model, tokenizer, held_out, suspects, seed, samples, batch_size, max_length)
+    was_training = model.training
+    model.eval()
+    try:
+        with attention_kernel(model), prior_removed(model, [e.label for e in held_out] if remove_prior else None):
+            return _flip_rates(model, tokenizer, held_out, suspects, seed, samples, batch_size, max_length)
+    finally:
+        model.train(was_training)
 
 
 def _flip_rates(model, tokenizer, held_out, suspects, seed, samples, batch_size, max_length) -> list[float]:

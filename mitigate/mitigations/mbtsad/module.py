@@ -99,11 +99,26 @@ class MBTSAD(Mitigation):
             ``reference``, a clean control is fine-tuned from it on the clean training data
             before the scan, and a suspect that flips it too is a natural feature of the task:
             reported, not unlearned. Not used without a reference.
+        live_flip: the export choice (None: the student is always the output, as in the paper,
+            and a student that fails the collapse guard refuses the run). A found trigger is
+            still live on a model when it flips at least this share of the clean dev samples it
+            is inserted into to its label (``trigger_flip_rates``, as the re-scan measures it).
+            After the distillation the TS-FT teacher is exported in the student's place when
+            the student fails the collapse guard and the teacher passed it, or when more found
+            triggers are live on the student than on the teacher; ``report["export_choice"]``
+            holds both models' clean-dev evidence. Not in the paper.
     """
 
     # eager attention: fused kernels do not return the attention probabilities
     attn_implementation = "eager"
     evaluated = {"suspicious": "suspicious model", "teacher": "TS-FT (teacher)", "model": "MBTSAD (student)"}
+
+    @property
+    def report_rows(self) -> dict[str, str]:
+        rows = super().report_rows
+        if (self.report.get("export_choice") or {}).get("exported") == "teacher":
+            rows[""] = "output: the TS-FT teacher (export choice)"
+        return rows
 
     def guard_hint(self, name: str) -> str:
         """What to change when the collapse guard fires, from what the run already tried: the
@@ -153,6 +168,7 @@ class MBTSAD(Mitigation):
         reference: str | None = None,
         allow_pickle: bool = False,
         control: CleanControl | None = None,
+        live_flip: float | None = None,
     ) -> None:
         rates = tsft_lr if isinstance(tsft_lr, (list, tuple)) else [tsft_lr]
         if not rates or any(r <= 0 for r in rates) or (lr is not None and lr <= 0):
@@ -167,6 +183,8 @@ class MBTSAD(Mitigation):
             raise ValueError("model.tsft_epochs must be >= 1 (or give a trained model.teacher)")
         if epur is not None and reference is None:
             raise ValueError("model.epur needs the clean pre-trained weights: set model.init_args.reference")
+        if live_flip is not None and not 0.0 < live_flip <= 1.0:
+            raise ValueError(f"model.live_flip must be in (0, 1] (a share of clean dev samples) or null, got {live_flip}")
         super().__init__(model, num_labels, lr, weight_decay, schedule, warmup_ratio, reference, max_cacc_drop,
                          max_class_share, allow_pickle)
         self.save_hyperparameters(ignore=["scan", "inversion", "epur", "mixing", "control"])
@@ -371,20 +389,80 @@ class MBTSAD(Mitigation):
         return {k: v for k, v in accepted.items() if k not in ("lr", "accepted", "seconds")}
 
     def on_train_end(self) -> None:
-        self.report["student_dev"] = self.guard("the MBTSAD student", self.model)
+        if self.hparams.get("live_flip") is None:
+            self.report["student_dev"] = self.guard("the MBTSAD student", self.model)
+        else:
+            if self.trainer.is_global_zero:
+                self._choose_export()
+            if self.distributed:  # rank 0's choice, and the exported weights, everywhere
+                self._take_rank_zero_choices()
+            choice = self.report["export_choice"]
+            self.report["student_dev"] = choice["student"]["dev"]
+            name = "the TS-FT teacher (exported in the student's place)" if choice["exported"] == "teacher" else "the MBTSAD student"
+            self.guard(name, self.model, choice[choice["exported"]]["dev"])
         if self.hparams.get("rescan") and self.trainer.is_global_zero:
             self._rescan()
 
+    def _flip_rates(self, model) -> list[float]:
+        """The found triggers' flip rates on the clean dev data for ``model`` (``trigger_flip_rates``)."""
+        dm = self.trainer.datamodule
+        seed = (self.scan or self.inversion or TriggerInversion()).seed
+        return trigger_flip_rates(model, dm.tokenizer, dm.examples("dev"), self._suspects(), seed)
+
+    def _evidence(self, model, report: dict | None = None) -> dict:
+        """A candidate output's clean-dev evidence: its dev report, why the collapse guard would
+        refuse it (or None), the found triggers' flip rates and those still live on it."""
+        report = self.dev_report(model) if report is None else report
+        flips = self._flip_rates(model)
+        return {"dev": report, "collapse": collapse_reason(report, self.hparams.max_class_share, self.min_cacc),
+                "flips": flips, "live": [s.text for s, f in zip(self._suspects(), flips) if f >= self.hparams.live_flip]}
+
+    def _choose_export(self) -> None:
+        """The output, student or teacher, from clean-dev evidence alone (see ``live_flip``): the
+        student unless it fails the collapse guard or keeps more found triggers live than the
+        teacher, which passed the guard after TS-FT. The teacher's weights then replace the
+        student's, so the export, the test and the model card all read the model chosen."""
+        start = time.perf_counter()
+        student = self._evidence(self.model)
+        choice = {"live_flip": self.hparams.live_flip, "suspects": [s.text for s in self._suspects()], "student": student}
+        exported, why = "student", f"no found trigger flips {100 * self.hparams.live_flip:.0f}% of clean dev text on the student"
+        if student["collapse"] is not None or student["live"]:
+            teacher = choice["teacher"] = self._evidence(self.teacher, self.report.get("teacher_dev"))
+            same = self._same_architecture()
+            if student["collapse"] is not None and teacher["collapse"] is None and same:
+                exported, why = "teacher", f"the student fails the collapse guard ({student['collapse']}); the teacher passed it"
+            elif student["collapse"] is None and len(teacher["live"]) < len(student["live"]) and teacher["collapse"] is None and same:
+                exported, why = "teacher", (f"{len(student['live'])} found trigger(s) still flip clean dev text on the student "
+                                            f"({', '.join(student['live'][:6])}), {len(teacher['live'])} on the teacher")
+            else:
+                why = ("the teacher is no better on clean dev" if same else
+                       "the given teacher's weights do not fit the student's architecture")
+                why += (f" (student: {student['collapse'] or str(len(student['live'])) + ' live trigger(s)'}; "
+                        f"teacher: {teacher['collapse'] or str(len(teacher['live'])) + ' live trigger(s)'})")
+        if exported == "teacher":
+            self.model.load_state_dict(self.teacher.state_dict())
+        choice.update(exported=exported, why=why, seconds=round(time.perf_counter() - start, 1))
+        self.report["export_choice"] = choice
+        self.report.setdefault("plan", []).append({"step": "the TS-FT teacher exported in the student's place",
+                                                   "taken": exported == "teacher", "why": why})
+        log.info("export choice: %s (%s)", "the teacher" if exported == "teacher" else "the student", why)
+
+    def _same_architecture(self) -> bool:
+        """Whether the teacher's weights can replace the student's (a given teacher may differ)."""
+        mine, theirs = self.model.state_dict(), self.teacher.state_dict()
+        return mine.keys() == theirs.keys() and all(mine[k].shape == theirs[k].shape for k in mine)
+
     def _rescan(self) -> None:
-        """The found triggers' flip rates on clean dev, suspicious model and cleaned model, and a
-        fresh trigger inversion of the cleaned model."""
+        """The found triggers' flip rates on clean dev, suspicious model and cleaned model (the
+        output: the student, or the teacher the export choice put in its place), and a fresh
+        trigger inversion of the cleaned model."""
         dm = self.trainer.datamodule
         start = time.perf_counter()
         suspects = self._suspects()
         dev = dm.examples("dev")
-        seed = (self.scan or self.inversion or TriggerInversion()).seed
-        before = trigger_flip_rates(self.suspicious, dm.tokenizer, dev, suspects, seed)
-        after = trigger_flip_rates(self.model, dm.tokenizer, dev, suspects, seed)
+        before = self._flip_rates(self.suspicious)
+        choice = self.report.get("export_choice")
+        after = choice[choice["exported"]]["flips"] if choice else self._flip_rates(self.model)
         out = {"found": [{"text": s.text, "label": s.label, "suspicious": b, "cleaned": a} for s, b, a in zip(suspects, before, after)]}
         if self.inversion is not None:
             again = scan_checkpoint(self.model, dm.tokenizer, dev, dev + dm.clean_subset, None, self.inversion)
@@ -568,4 +646,8 @@ class MBTSAD(Mitigation):
         if scan is not None:
             text += (f" A scan of the vocabulary on clean held-out data found {len(scan['suspects'])} suspect "
                      f"token(s) ({', '.join(scan['suspects']) or 'none'}), which the training taught the model to ignore.")
+        choice = self.report.get("export_choice")
+        if choice and choice["exported"] == "teacher":
+            text += (f" This model is the TS-FT teacher, exported in the distilled student's place from clean held-out "
+                     f"evidence: {choice['why']}.")
         return {"title": "Backdoor mitigation with MBTSAD", "tags": ["backdoor-mitigation", "mbtsad"], "text": text}
