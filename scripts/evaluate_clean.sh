@@ -131,4 +131,18 @@ victim badnet_imb_s43 --config recipes/badnet_sst2.yaml --data.init_args.path ru
 scan badnet_imb_s43 runs/data/sst2_88_12
 mitigate clean "$OUT/badnet_imb_s43/model" --data.init_args.path runs/data/sst2_88_12 \
   --trainer.default_root_dir "$OUT/clean_badnet_imb_s43" --overwrite true > "$OUT/clean_badnet_imb_s43.log" 2>&1
+# BadNet on SST-2 88/12, seeds 44 and 45, trained after the export choice was written (live_flip), scanned and cleaned once
+for s in 44 45; do
+  victim badnet_imb_s$s --config recipes/badnet_sst2.yaml --data.init_args.path runs/data/sst2_88_12 --seed_everything $s
+  scan badnet_imb_s$s runs/data/sst2_88_12
+  mitigate clean "$OUT/badnet_imb_s$s/model" --data.init_args.path runs/data/sst2_88_12 \
+    --trainer.default_root_dir "$OUT/clean_badnet_imb_s$s" --overwrite true > "$OUT/clean_badnet_imb_s$s.log" 2>&1
+done
+# what the export choice reads, on the runs made before it (and the re-scan in eval mode): docs/clean.md
+python scripts/export_choice_check.py "$OUT/clean_badnet_imb_s43" runs/data/sst2_88_12
+for r in clean_ep_sst2_s46 clean_ep_sst2_s47 clean3_lwp_sst2_s42 clean3_lwp_sst2_s43 clean3_lwp_sst2_s44 \
+         clean3_homograph_sst2_s44 clean3_homograph_sst2_s45 clean3_homograph_sst2_s46 \
+         cleanref_homograph_sst2_s44 cleanref_homograph_sst2_s45 cleanref_homograph_sst2_s46; do
+  python scripts/export_choice_check.py "$OUT/$r" sst2
+done
 python scripts/clean_table.py "$OUT"
