@@ -8,6 +8,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 
 
+def checksum(model) -> float:
+    """The sum of every weight of ``model`` (float64): equal weights, equal sums."""
+    return sum(float(t.double().sum()) for t in model.state_dict().values())
+
+
 class HardCrash(pl.Callback):
     def __init__(self, at_step: int) -> None:
         self.at_step = at_step
@@ -32,7 +37,7 @@ class RecordTeacher(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch != pl_module.hparams.tsft_epochs:
             return
-        total = sum(float(t.double().sum()) for t in pl_module.teacher.state_dict().values())
+        total = checksum(pl_module.teacher)
         out = Path(trainer.default_root_dir) / f"teacher.rank{trainer.global_rank}.json"
         out.write_text(json.dumps({"backoff": pl_module.report.get("teacher_backoff"), "checksum": total, "step": trainer.global_step,
                                    "rates": pl_module.report.get("learning_rates")}, sort_keys=True, default=str))
@@ -43,9 +48,6 @@ class RecordExport(pl.Callback):
     fit ends (after the module's end-of-training choice), to ``export.rank<R>.json``."""
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        def checksum(model) -> float:
-            return sum(float(t.double().sum()) for t in model.state_dict().values())
-
         choice = {k: v for k, v in (pl_module.report.get("export_choice") or {}).items() if k != "seconds"}
         out = Path(trainer.default_root_dir) / f"export.rank{trainer.global_rank}.json"
         out.write_text(json.dumps({"choice": choice, "model": checksum(pl_module.model), "teacher": checksum(pl_module.teacher),

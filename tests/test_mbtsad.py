@@ -328,3 +328,22 @@ def test_a_student_that_fails_the_guard_gives_way_to_a_teacher_that_passed(tmp_p
     assert choice["exported"] == "teacher" and "fails the collapse guard" in choice["why"], choice
     assert choice["student"]["dev"]["shares"][0] == 1.0 and "collapse" not in r["report"] and (root / "model").exists()
     assert r["test/cacc"] == r["test/teacher/cacc"] >= 0.9 and r["report"]["student_dev"]["shares"][0] == 1.0, r
+
+
+def test_export_choice_rule_keeps_the_student_unless_the_teacher_is_strictly_better():
+    """``choose_output`` on hand-made evidence: the student without live triggers or a collapse
+    (the teacher not needed); a tie keeps the student; fewer live triggers on a teacher that
+    passes the guard, or a collapsed student, give the teacher; a collapsed teacher, or one whose
+    weights do not fit, never replaces the student."""
+    from mitigate.mitigations.mbtsad.export_choice import choose_output, live_triggers, needs_teacher
+
+    assert live_triggers(["cf", "mn", "bb"], [0.5, 0.49, 0.9], 0.5) == ["cf", "bb"]
+    clean, kept = {"collapse": None, "live": []}, {"collapse": None, "live": ["cf", "mn"]}
+    collapsed = {"collapse": "it predicts class 0 for 100.0%", "live": []}
+    assert not needs_teacher(clean) and needs_teacher(kept) and needs_teacher(collapsed)
+    assert choose_output(clean, None)[0] == "student"
+    assert choose_output(kept, {"collapse": None, "live": ["cf", "bb"]})[0] == "student"  # a tie
+    assert choose_output(kept, {"collapse": None, "live": ["cf"]})[0] == "teacher"
+    assert choose_output(collapsed, {"collapse": None, "live": ["cf"]})[0] == "teacher"
+    assert choose_output(kept, {"collapse": "below the bound", "live": []})[0] == "student"
+    assert choose_output(kept, {"collapse": None, "live": []}, fits=False)[0] == "student"

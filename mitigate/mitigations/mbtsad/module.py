@@ -22,6 +22,7 @@ from mitigate.guard import CollapseError, collapse_reason, metric_name, score
 from mitigate.loading import load_classifier
 from mitigate.mitigations.base import Mitigation
 from mitigate.mitigations.mbtsad.distillation import DistillationLoss
+from mitigate.mitigations.mbtsad.export_choice import choose_output, live_triggers, needs_teacher
 from mitigate.mitigations.detection import TriggerInversion, scan_checkpoint, trigger_flip_rates
 from mitigate.mitigations.detection.neighbours import embedding_neighbours, unlearning_ids
 from mitigate.mitigations.detection.control import CleanControl
@@ -415,37 +416,26 @@ class MBTSAD(Mitigation):
         report = self.dev_report(model) if report is None else report
         flips = self._flip_rates(model)
         return {"dev": report, "collapse": collapse_reason(report, self.hparams.max_class_share, self.min_cacc),
-                "flips": flips, "live": [s.text for s, f in zip(self._suspects(), flips) if f >= self.hparams.live_flip]}
+                "flips": flips, "live": live_triggers([s.text for s in self._suspects()], flips, self.hparams.live_flip)}
 
     def _choose_export(self) -> None:
-        """The output, student or teacher, from clean-dev evidence alone (see ``live_flip``): the
-        student unless it fails the collapse guard or keeps more found triggers live than the
-        teacher, which passed the guard after TS-FT. The teacher's weights then replace the
-        student's, so the export, the test and the model card all read the model chosen."""
+        """The output, student or teacher, from clean-dev evidence alone (``live_flip``,
+        ``export_choice.choose_output``). The teacher's weights then replace the student's, so
+        the export, the test and the model card all read the model chosen."""
         start = time.perf_counter()
         student = self._evidence(self.model)
         choice = {"live_flip": self.hparams.live_flip, "suspects": [s.text for s in self._suspects()], "student": student}
-        exported, why = "student", f"no found trigger flips {100 * self.hparams.live_flip:.0f}% of clean dev text on the student"
-        if student["collapse"] is not None or student["live"]:
-            teacher = choice["teacher"] = self._evidence(self.teacher, self.report.get("teacher_dev"))
-            same = self._same_architecture()
-            if student["collapse"] is not None and teacher["collapse"] is None and same:
-                exported, why = "teacher", f"the student fails the collapse guard ({student['collapse']}); the teacher passed it"
-            elif student["collapse"] is None and len(teacher["live"]) < len(student["live"]) and teacher["collapse"] is None and same:
-                exported, why = "teacher", (f"{len(student['live'])} found trigger(s) still flip clean dev text on the student "
-                                            f"({', '.join(student['live'][:6])}), {len(teacher['live'])} on the teacher")
-            else:
-                why = ("the teacher is no better on clean dev" if same else
-                       "the given teacher's weights do not fit the student's architecture")
-                why += (f" (student: {student['collapse'] or str(len(student['live'])) + ' live trigger(s)'}; "
-                        f"teacher: {teacher['collapse'] or str(len(teacher['live'])) + ' live trigger(s)'})")
+        teacher = self._evidence(self.teacher, self.report.get("teacher_dev")) if needs_teacher(student) else None
+        if teacher is not None:
+            choice["teacher"] = teacher
+        exported, why = choose_output(student, teacher, fits=teacher is not None and self._same_architecture())
         if exported == "teacher":
             self.model.load_state_dict(self.teacher.state_dict())
         choice.update(exported=exported, why=why, seconds=round(time.perf_counter() - start, 1))
         self.report["export_choice"] = choice
         self.report.setdefault("plan", []).append({"step": "the TS-FT teacher exported in the student's place",
                                                    "taken": exported == "teacher", "why": why})
-        log.info("export choice: %s (%s)", "the teacher" if exported == "teacher" else "the student", why)
+        log.info("export choice: the %s (%s)", exported, why)
 
     def _same_architecture(self) -> bool:
         """Whether the teacher's weights can replace the student's (a given teacher may differ)."""
